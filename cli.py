@@ -1,0 +1,111 @@
+"""What every script here shares: flags with their defaults in --help, one-line
+errors for bad input (exit code 2, no traceback), and files written whole."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (a path, a file, a flag), not a bug."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that shows defaults in --help and reports a bad flag in one line."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum or value != value:  # value != value catches NaN
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, "a whole number >= 1")
+non_negative_int = _number(int, 0, "a whole number >= 0")
+positive_float = _number(float, sys.float_info.min, "a number > 0")
+
+
+def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a script's main(); bad input ends it with one line on stderr and exit code 2."""
+    prog = Path(sys.argv[0]).name
+    _flush_every_line()
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _flush_every_line() -> None:
+    """Let progress reach a log file or a pipe as it happens, not in 8 KiB blocks."""
+    if hasattr(sys.stdout, "reconfigure"):  # a notebook's stdout has no such method
+        sys.stdout.reconfigure(line_buffering=True)
+
+
+def setup_script_without_main() -> None:
+    """What run() gives a main(), for a script with none to wrap (the notebook): output
+    that reaches a log as it happens, and a UserError ends it with one line on stderr
+    (exit code 1) instead of a traceback."""
+    _flush_every_line()
+    default_hook = sys.excepthook
+
+    def hook(kind, error, traceback) -> None:
+        if issubclass(kind, UserError):
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        else:
+            default_hook(kind, error, traceback)
+
+    sys.excepthook = hook
+
+
+def ensure_out_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder, or say in one line why it cannot be used."""
+    out_dir = Path(path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out-dir {out_dir}: cannot create it ({error.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable")
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only once written.
+
+    A crash or a kill while writing leaves the old file (or none), never half a file.
+    """
+    path = Path(path)
+    # Keep the real suffix last so that writers which go by it (savefig, imageio) still can.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
