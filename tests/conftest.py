@@ -1,0 +1,88 @@
+"""Tiny stand-ins for MNIST, written in both formats the loader reads, and a way to run
+the scripts as a user would."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) -> dict:
+    """MNIST-shaped uint8 data: a bright bar whose height depends on the label, plus
+    speckle, so that there is something to learn and to reconstruct."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", num_train), ("test", num_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) < 0.03).astype(np.uint8) * 200
+        for image, label in zip(images, labels):
+            image[3 + 2 * label : 7 + 2 * label, 5:23] = 255
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
+    return arrays
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    magic = 0x0800 | array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, arrays: dict, gz: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, name in IDX_NAMES.items():
+        data = idx_bytes(arrays[key])
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays() -> dict:
+    return make_mnist_arrays()
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path, tiny_arrays: dict) -> Path:
+    path = tmp_path / "tiny_mnist.npz"
+    np.savez(path, **tiny_arrays)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests name their data; CVAE_DATA (set in CI) is for the real-data test alone."""
+    monkeypatch.delenv("CVAE_DATA", raising=False)
+
+
+TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages", "To enable the")
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300):
+    """Run one of the project's scripts as a user would; returns CompletedProcess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "CVAE_DATA"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def own_stderr(stderr: str) -> list[str]:
+    """stderr without TensorFlow's start-up log lines, which no setting silences."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(TF_LOG_PREFIXES)]

@@ -1,0 +1,185 @@
+"""Loading, checking, binarizing and batching MNIST."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import IDX_NAMES, idx_bytes, make_mnist_arrays, write_idx_folder
+
+import dataset
+from cli import UserError
+
+
+def test_binarize_is_the_tutorials_threshold():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    pixels = np.tile(pixels, (1, 2, 2))[:, :28, :28]
+    expected = np.where(pixels.reshape(1, 28, 28, 1) / 255.0 > 0.5, 1.0, 0.0).astype("float32")
+    result = dataset.binarize(pixels)
+    assert result.dtype == np.float32 and result.shape == (1, 28, 28, 1)
+    np.testing.assert_array_equal(result, expected)
+    assert dataset.binarize(np.array([[[127] * 28] * 28], np.uint8)).max() == 0.0
+    assert dataset.binarize(np.array([[[128] * 28] * 28], np.uint8)).min() == 1.0
+
+
+def assert_same_as(loaded, arrays):
+    (x_train, y_train), (x_test, y_test) = loaded
+    np.testing.assert_array_equal(x_train, arrays["x_train"])
+    np.testing.assert_array_equal(y_train, arrays["y_train"])
+    np.testing.assert_array_equal(x_test, arrays["x_test"])
+    np.testing.assert_array_equal(y_test, arrays["y_test"])
+    assert x_train.dtype == np.uint8 and y_train.dtype == np.uint8
+
+
+def test_npz(tiny_npz, tiny_arrays):
+    assert_same_as(dataset.load_mnist(str(tiny_npz)), tiny_arrays)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_idx_folder(tmp_path, tiny_arrays, gz):
+    folder = write_idx_folder(tmp_path / "idx", tiny_arrays, gz=gz)
+    assert_same_as(dataset.load_mnist(str(folder)), tiny_arrays)
+
+
+def test_env_var_names_the_data(monkeypatch, tiny_npz, tiny_arrays):
+    monkeypatch.setenv("CVAE_DATA", str(tiny_npz))
+    assert_same_as(dataset.load_mnist(), tiny_arrays)
+
+
+def test_keras_download_is_the_default(monkeypatch, tiny_arrays):
+    a = tiny_arrays
+    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data",
+                        lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
+    assert_same_as(dataset.load_mnist(), tiny_arrays)
+
+
+def test_failed_download_says_how_to_pass_a_file(monkeypatch):
+    def offline():
+        raise Exception("URL fetch failure on https://example/mnist.npz: None -- [Errno -3]\nmore")
+
+    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(UserError) as error:
+        dataset.load_mnist()
+    message = str(error.value)
+    assert "could not download MNIST" in message and "--data" in message
+    assert "CVAE_DATA" in message and "\n" not in message
+
+
+def test_first_n_images(tiny_npz, tiny_arrays):
+    (x_train, y_train), (x_test, _) = dataset.load_mnist(str(tiny_npz), train_size=10, test_size=20)
+    assert len(x_train) == len(y_train) == 10 and len(x_test) == 20
+    np.testing.assert_array_equal(x_train, tiny_arrays["x_train"][:10])
+
+
+@pytest.mark.parametrize("sizes, flag", [((97, None), "--train-size"), ((None, 33), "--test-size")])
+def test_sizes_larger_than_the_data(tiny_npz, sizes, flag):
+    with pytest.raises(UserError, match=f"{flag} .* is larger than"):
+        dataset.load_mnist(str(tiny_npz), *sizes)
+
+
+# Every malformed input the loader handles: how to make it, and what the message says.
+def npz_with(**changes):
+    def make(path: Path) -> Path:
+        arrays = make_mnist_arrays(8, 8)
+        arrays.update(changes)
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        np.savez(path / "bad.npz", **arrays)
+        return path / "bad.npz"
+    return make
+
+
+def idx_with(key, data=None, transform=None, gz=False):
+    def make(path: Path) -> Path:
+        folder = write_idx_folder(path / "idx", make_mnist_arrays(8, 8), gz=gz)
+        name = IDX_NAMES[key] + (".gz" if gz else "")
+        file = folder / name
+        if data is None:
+            file.unlink()
+        else:
+            file.write_bytes(data(file.read_bytes()) if transform is None else transform(file))
+        return folder
+    return make
+
+
+def write(name, content):
+    def make(path: Path) -> Path:
+        (path / name).write_bytes(content)
+        return path / name
+    return make
+
+
+def truncated_npz(path: Path) -> Path:
+    np.savez(path / "cut.npz", **make_mnist_arrays(8, 8))
+    data = (path / "cut.npz").read_bytes()
+    (path / "cut.npz").write_bytes(data[: len(data) // 2])
+    return path / "cut.npz"
+
+
+def npy_file(path: Path) -> Path:
+    np.save(path / "images.npy", np.zeros((2, 28, 28), np.uint8))
+    return path / "images.npy"
+
+
+MALFORMED = {
+    "missing path": (lambda path: path / "nowhere.npz", "no such file or folder"),
+    "text file": (write("notes.npz", b"hello, this is not an archive\n"), "not an .npz or zip"),
+    "empty file": (write("empty.npz", b""), "cannot read it as .npz"),
+    "truncated npz": (truncated_npz, "cannot read it as .npz"),
+    "npy not npz": (npy_file, "not an .npz archive"),
+    "missing key": (npz_with(y_test=None), "missing y_test"),
+    "wrong image shape": (npz_with(x_train=np.zeros((8, 28, 27), np.uint8)), "expected (N, 28, 28)"),
+    "flat images": (npz_with(x_test=np.zeros((8, 784), np.uint8)), "expected (N, 28, 28)"),
+    "wrong dtype": (npz_with(x_train=np.zeros((8, 28, 28), np.float32)), "expected uint8"),
+    "labels out of range": (npz_with(y_train=np.full(8, 10, np.uint8)), "labels range 10..10"),
+    "negative labels": (npz_with(y_test=np.full(8, -1, np.int64)), "labels range -1..-1"),
+    "float labels": (npz_with(y_test=np.zeros(8, np.float32)), "expected integers"),
+    "label count": (npz_with(y_train=np.zeros(7, np.uint8)), "labels for 8 images"),
+    "empty split": (npz_with(x_test=np.zeros((0, 28, 28), np.uint8),
+                             y_test=np.zeros(0, np.uint8)), "test split: no images"),
+    "idx file missing": (idx_with("y_test"), "no t10k-labels-idx1-ubyte"),
+    "idx truncated": (idx_with("x_train", data=lambda b: b[:-100]), "truncated"),
+    "idx header cut": (idx_with("y_train", data=lambda b: b[:6]), "truncated"),
+    "idx trailing bytes": (idx_with("x_test", data=lambda b: b + b"\0\0"), "trailing bytes"),
+    "idx wrong magic": (idx_with("x_train", data=lambda b: (2049).to_bytes(4, "big") + b[4:]),
+                        "wrong magic number 0x00000801"),
+    "idx labels as images": (idx_with("y_train", data=lambda b: idx_bytes(np.zeros((8, 28, 28)))),
+                             "wrong magic number 0x00000803"),
+    "idx gz truncated": (idx_with("x_test", gz=True, data=lambda b: b[: len(b) // 2]),
+                         "cannot read it"),
+    "idx gz not gzip": (idx_with("y_test", gz=True, data=lambda b: gzip.decompress(b)),
+                        "cannot read it"),
+    "idx short split": (idx_with("y_train", data=lambda b: idx_bytes(np.zeros(5, np.uint8))),
+                        "labels for 8 images"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_input_is_one_clear_line(tmp_path, case):
+    make, expected = MALFORMED[case]
+    path = make(tmp_path)
+    with pytest.raises(UserError) as error:
+        dataset.load_mnist(str(path))
+    message = str(error.value)
+    assert expected in message
+    assert path.name in message  # says where
+    assert "\n" not in message
+
+
+def test_epoch_order_is_a_repeatable_permutation():
+    order = dataset.epoch_order(1000, seed=3, epoch=2)
+    np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+    np.testing.assert_array_equal(order, dataset.epoch_order(1000, seed=3, epoch=2))
+    assert not np.array_equal(order, dataset.epoch_order(1000, seed=3, epoch=3))
+    assert not np.array_equal(order, dataset.epoch_order(1000, seed=4, epoch=2))
+
+
+def test_make_batches_follows_the_order_and_keeps_the_remainder():
+    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    order = np.array([9, 3, 1, 0, 2, 8, 7, 6, 5, 4])
+    batches = [b.numpy().ravel().tolist() for b in dataset.make_batches(images, 4, order)]
+    assert batches == [[9, 3, 1, 0], [2, 8, 7, 6], [5, 4]]
+    in_order = [b.numpy().ravel().tolist() for b in dataset.make_batches(images, 6)]
+    assert in_order == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
