@@ -1,0 +1,148 @@
+"""The tutorial's convolutional VAE and the maths of its loss.
+
+The encoder maps an image x to a diagonal Gaussian q(z|x) (a mean and a log-variance);
+the decoder maps a latent z to 28x28 Bernoulli logits p(x|z); the prior p(z) is N(0, I).
+Training maximizes the ELBO, estimated with one sample of z per image.
+
+    python network.py                    # summaries, parameter counts, a forward pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+import cli
+
+LATENT_DIM = 2
+IMAGE_SHAPE = (28, 28, 1)
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+class CVAE(tf.keras.Model):
+    """Convolutional variational autoencoder."""
+
+    def __init__(self, latent_dim: int = LATENT_DIM) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),
+                tf.keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+                tf.keras.layers.Conv2D(64, 3, strides=2, activation="relu"),
+                tf.keras.layers.Flatten(),
+                # No activation: a mean and a log-variance for each latent dimension.
+                tf.keras.layers.Dense(latent_dim + latent_dim),
+            ],
+            name="encoder",
+        )
+        self.decoder = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(shape=(latent_dim,)),
+                tf.keras.layers.Dense(7 * 7 * 32, activation="relu"),
+                tf.keras.layers.Reshape((7, 7, 32)),
+                tf.keras.layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu"),
+                tf.keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu"),
+                # No activation: logits, so the loss can use the stable sigmoid cross-entropy.
+                tf.keras.layers.Conv2DTranspose(1, 3, strides=1, padding="same"),
+            ],
+            name="decoder",
+        )
+
+    @tf.function
+    def sample(self, eps: tf.Tensor | None = None) -> tf.Tensor:
+        """Decode latents `eps` (default: 100 draws from the prior) to pixel probabilities."""
+        if eps is None:
+            eps = tf.random.normal(shape=(100, self.latent_dim))
+        return self.decode(eps, apply_sigmoid=True)
+
+    def encode(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Images -> (mean, logvar) of q(z|x), each (batch, latent_dim)."""
+        mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
+        return mean, logvar
+
+    def reparameterize(
+        self, mean: tf.Tensor, logvar: tf.Tensor, eps: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """z = mean + sigma * eps with sigma = exp(logvar / 2), eps ~ N(0, I).
+
+        Drawing the noise outside the network keeps z differentiable in mean and logvar.
+        Pass `eps` to fix the noise (tests, reproducible runs); None draws it here.
+        """
+        if eps is None:
+            eps = tf.random.normal(shape=tf.shape(mean))
+        return eps * tf.exp(logvar * 0.5) + mean
+
+    def decode(self, z: tf.Tensor, apply_sigmoid: bool = False) -> tf.Tensor:
+        """Latents -> logits of p(x|z), or pixel probabilities with `apply_sigmoid`."""
+        logits = self.decoder(z)
+        if apply_sigmoid:
+            return tf.sigmoid(logits)
+        return logits
+
+
+def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis: int = 1) -> tf.Tensor:
+    """log N(sample; mean, diag(exp(logvar))), summed over axis `raxis`."""
+    return tf.reduce_sum(
+        -0.5 * ((sample - mean) ** 2.0 * tf.exp(-logvar) + logvar + LOG_2PI), axis=raxis
+    )
+
+
+def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None) -> tf.Tensor:
+    """Single-sample Monte Carlo ELBO of each image: log p(x|z) + log p(z) - log q(z|x).
+
+    z is one draw from q(z|x) (noise `eps`, or fresh noise if None); shape (batch,).
+    """
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar, eps)
+    x_logit = model.decode(z)
+    # Bernoulli log-likelihood of the binarized pixels, from the logits for stability.
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    logpz = log_normal_pdf(z, 0.0, 0.0)
+    logqz_x = log_normal_pdf(z, mean, logvar)
+    return logpx_z + logpz - logqz_x
+
+
+def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None) -> tf.Tensor:
+    """The training loss: the negative ELBO, averaged over the batch."""
+    return -tf.reduce_mean(elbo_per_example(model, x, eps))
+
+
+# ----------------------------------------------------------------------------
+# python network.py: what the model looks like
+
+
+def count_params(model: tf.keras.Model) -> int:
+    return int(sum(np.prod(weight.shape) for weight in model.weights))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description="Print the CVAE: summaries, parameters, shapes.")
+    parser.add_argument("--latent-dim", type=cli.positive_int, default=LATENT_DIM,
+                        help="size of the latent space")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32,
+                        help="size of the dummy batch for the forward pass")
+    args = parser.parse_args(argv)
+
+    model = CVAE(args.latent_dim)
+    model.encoder.summary()
+    model.decoder.summary()
+    encoder_params, decoder_params = count_params(model.encoder), count_params(model.decoder)
+    print(f"Parameters: encoder {encoder_params:,}, decoder {decoder_params:,}, "
+          f"total {encoder_params + decoder_params:,}")
+
+    x = tf.zeros((args.batch_size, *IMAGE_SHAPE))
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    logits = model.decode(z)
+    print(f"\nForward pass on a dummy batch of {args.batch_size}:")
+    for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), ("logits", logits)):
+        print(f"  {name:7s}{tuple(tensor.shape)}")
+    print(f"  loss   {float(compute_loss(model, x)):.2f} (negative ELBO of the blank batch, untrained)")
+
+
+if __name__ == "__main__":
+    cli.run(main)
