@@ -1,0 +1,140 @@
+"""Each script run as a user would: a subprocess, on tiny data, into a temporary folder."""
+
+from __future__ import annotations
+
+import csv
+
+import imageio.v3 as iio
+import pytest
+from conftest import own_stderr, run_script, write_idx_folder
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_dataset_script_reports_and_writes_a_preview(tiny_npz, tmp_path):
+    result = run_script("dataset.py", "--data", tiny_npz, "--out-dir", tmp_path / "out")
+    assert_ok(result)
+    assert "(96, 28, 28)" in result.stdout and "(32, 28, 28)" in result.stdout
+    assert "values {0, 1}" in result.stdout
+    assert "train 3, test 1" in result.stdout  # batches per epoch at batch size 32
+    preview = tmp_path / "out" / "dataset_preview.png"
+    assert str(preview) in result.stdout
+    assert iio.imread(preview).ndim == 3
+
+
+def test_dataset_script_reads_an_idx_folder_from_the_env_var(tiny_arrays, tmp_path):
+    folder = write_idx_folder(tmp_path / "idx", tiny_arrays, gz=True)
+    result = run_script("dataset.py", "--out-dir", tmp_path / "out", env={"CVAE_DATA": str(folder)})
+    assert_ok(result)
+    assert "(96, 28, 28)" in result.stdout and f"Source: {folder}" in result.stdout
+
+
+def test_network_script_prints_the_model():
+    result = run_script("network.py")
+    assert_ok(result)
+    assert "encoder 28,036, decoder 41,953" in result.stdout
+    for shape in ("mean   (32, 2)", "logvar (32, 2)", "z      (32, 2)", "logits (32, 28, 28, 1)"):
+        assert shape in result.stdout
+
+
+def test_train_script_writes_every_output(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", "--data", tiny_npz, "--epochs", "2", "--out-dir", out)
+    assert_ok(result)
+    expected = {f"image_at_epoch_{e:04d}.png" for e in range(3)} | {
+        "cvae.gif", "latent_manifold.png", "metrics.csv"}
+    assert {p.name for p in out.iterdir()} == expected  # nothing else, no temporary files
+    assert iio.imread(out / "cvae.gif", index=None).shape[0] == 3
+    with open(out / "metrics.csv") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
+    assert "Epoch 2/2: test ELBO" in result.stdout
+    assert "3/3" in result.stdout  # the progress bar's last line: 96 images, batch 32
+
+
+def test_train_script_is_repeatable_with_a_seed(tiny_npz, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result = run_script("train.py", "--data", tiny_npz, "--epochs", "1", "--seed", "7",
+                            "--latent-dim", "3", "--out-dir", tmp_path / name)
+        assert_ok(result)
+        assert "No latent manifold" in result.stdout
+        with open(tmp_path / name / "metrics.csv") as file:
+            runs.append([(row["train_loss"], row["test_elbo"]) for row in csv.DictReader(file)])
+    assert runs[0] == runs[1]
+
+
+def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
+    out = tmp_path / "nb"
+    result = run_script("cvae_tensorflow.py", "--data", tiny_npz, "--epochs", "1", "--out-dir", out)
+    assert_ok(result)
+    for name in ("image_at_epoch_0001.png", "cvae.gif", "latent_manifold.png"):
+        assert (out / name).is_file()
+        assert f"See {out / name}" in result.stdout
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("dataset.py", ["--data", "--batch-size", "--out-dir"]),
+    ("network.py", ["--latent-dim", "--batch-size"]),
+    ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--seed",
+                  "--out-dir", "--data", "--train-size", "--test-size"]),
+])
+def test_help_documents_every_flag_with_its_default(script, flags):
+    result = run_script(script, "--help")
+    assert_ok(result)
+    text = " ".join(result.stdout.split())
+    for flag in flags:
+        assert flag in text
+    assert text.count("(default:") >= len(flags)
+
+
+def test_train_help_shows_the_tutorials_recipe():
+    text = " ".join(run_script("train.py", "--help").stdout.split())
+    for default in ("(default: 10)", "(default: 2)", "(default: 32)", "(default: 0.0001)",
+                    "(default: output)"):
+        assert default in text
+
+
+BAD_TRAIN_INPUT = {
+    "missing data": (["--data", "nowhere.npz"], "nowhere.npz: no such file or folder"),
+    "not an npz": (["--data", "{tmp}/notes.txt"], "not an .npz or zip file"),
+    "negative epochs": (["--epochs", "-1"], "argument --epochs: '-1' is not a whole number >= 0"),
+    "zero latent dim": (["--latent-dim", "0"], "argument --latent-dim: '0' is not"),
+    "zero batch": (["--batch-size", "0"], "argument --batch-size: '0' is not"),
+    "text batch": (["--batch-size", "many"], "argument --batch-size: 'many' is not"),
+    "zero learning rate": (["--learning-rate", "0"], "argument --learning-rate: '0' is not"),
+    "unknown flag": (["--epoch", "3", "--lr", "1"], "unrecognized arguments"),
+    "train size too large": (["--train-size", "1000"], "--train-size 1000 is larger than the 96"),
+    "too few test images": (["--test-size", "8"], "the sample grid needs 16 test images, got 8"),
+    "out dir is a file": (["--out-dir", "{tmp}/notes.txt"], "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUT)
+def test_bad_input_is_one_line_and_exit_code_2(case, tiny_npz, tmp_path):
+    args, expected = BAD_TRAIN_INPUT[case]
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    out = tmp_path / "run"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(tiny_npz)]
+    if "--out-dir" not in args:
+        args += ["--out-dir", str(out)]
+    result = run_script("train.py", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = own_stderr(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), lines
+    assert expected in lines[0]
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_notebook_script_reports_bad_data_in_one_line(tmp_path):
+    result = run_script("cvae_tensorflow.py", "--data", tmp_path / "missing.npz",
+                        "--out-dir", tmp_path / "nb")
+    assert result.returncode != 0
+    assert own_stderr(result.stderr) == [
+        f"cvae_tensorflow.py: error: {tmp_path / 'missing.npz'}: no such file or folder"]
