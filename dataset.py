@@ -189,10 +189,13 @@ def make_batches(
     copy is then one fast gather, with no conversion of the whole set from numpy.
     """
     if order is not None:
-        # Permute up front rather than tf.gather in a .map: a .map would capture the
-        # whole set in the dataset's graph, which tf.data copies whenever an iterator starts.
-        images = tf.gather(images, order)
-    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        images = tf.gather(images, order)  # one permuted copy; the batches are then slices
+    # The images are in memory already, so slicing a batch costs microseconds and tf.data's
+    # autotuner has nothing to tune; left on, it made each epoch's iterator take up to 18 s
+    # to shut down, as its optimization thread backs off for longer the longer it runs.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).with_options(options)
 
 
 # ----------------------------------------------------------------------------

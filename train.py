@@ -121,7 +121,7 @@ def save_sample_grid(model: network.CVAE, images: tf.Tensor, eps: tf.Tensor, pat
 
 def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5) -> None:
     """An animated GIF of the per-epoch grids, looping."""
-    images = [iio.imread(frame)[..., :3] for frame in frames]
+    images = [iio.imread(frame)[..., 0] for frame in frames]  # grey: R = G = B
     with cli.atomic_path(path) as tmp:
         iio.imwrite(tmp, np.stack(images), duration=seconds_per_frame * 1000, loop=0)
 
@@ -141,12 +141,9 @@ def latent_manifold(model: network.CVAE, n: int = MANIFOLD_SIZE, digit_size: int
 
 
 def save_latent_manifold(model: network.CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
-    figure = Figure(figsize=(10, 10))
-    axes = figure.add_subplot()
-    axes.imshow(latent_manifold(model, n), cmap="Greys_r")
-    axes.axis("off")
+    """The manifold as a grey PNG, one pixel per decoded pixel (560 x 560 for n = 20)."""
     with cli.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        iio.imwrite(tmp, np.round(latent_manifold(model, n) * 255).astype(np.uint8))
 
 
 def grid_path(out_dir: Path, epoch: int) -> Path:
