@@ -1,18 +1,32 @@
 """What every script here shares: flags with their defaults in --help, one-line
-errors for bad input (exit code 2, no traceback), and files written whole."""
+errors (exit code 2 for bad input, no traceback), and files written whole."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
-class UserError(Exception):
+class ScriptError(Exception):
+    """Ends a script with one line on stderr and `exit_code`, without a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UserError(ScriptError):
     """A problem with what the user gave us (a path, a file, a flag), not a bug."""
+
+    exit_code = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,6 +39,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags typed on the command line, as opposed to defaults."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:  # argparse has no public way to tell the two apart
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
 
 
 def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | float]:
@@ -46,14 +68,14 @@ positive_float = _number(float, sys.float_info.min, "a number > 0")
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's main(); bad input ends it with one line on stderr and exit code 2."""
+    """Run a script's main(); a ScriptError (bad input: exit code 2) ends it in one line."""
     prog = Path(sys.argv[0]).name
     _flush_every_line()
     try:
         main(argv)
-    except UserError as error:
+    except ScriptError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -67,13 +89,13 @@ def _flush_every_line() -> None:
 
 def setup_script_without_main() -> None:
     """What run() gives a main(), for a script with none to wrap (the notebook): output
-    that reaches a log as it happens, and a UserError ends it with one line on stderr
+    that reaches a log as it happens, and a ScriptError ends it with one line on stderr
     (exit code 1) instead of a traceback."""
     _flush_every_line()
     default_hook = sys.excepthook
 
     def hook(kind, error, traceback) -> None:
-        if issubclass(kind, UserError):
+        if issubclass(kind, ScriptError):
             print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         else:
             default_hook(kind, error, traceback)
@@ -88,24 +110,36 @@ def ensure_out_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"--out-dir {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"  # os.access would not see a read-only mount
+        probe.touch()
+        probe.unlink()
     except OSError as error:
-        raise UserError(f"--out-dir {out_dir}: cannot create it ({error.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out-dir {out_dir} is not writable")
+        raise UserError(f"--out-dir {out_dir} is not writable ({error.strerror})") from None
     return out_dir
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only once written.
+    """Yield a temporary path beside `path`; move it into place only once written.
 
-    A crash or a kill while writing leaves the old file (or none), never half a file.
+    A crash, a kill or a power cut while writing leaves the old file (or none), never
+    half a file: the data is synced to disk before the rename, and the rename after it.
     """
     path = Path(path)
     # Keep the real suffix last so that writers which go by it (savefig, imageio) still can.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
