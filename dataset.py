@@ -12,6 +12,7 @@ Where the data comes from, first match wins:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zipfile
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ def load_mnist(
     `path` is a .npz file or an IDX folder; None means $CVAE_DATA, then the Keras
     download. `train_size` / `test_size` keep only the first N images of a split.
     """
-    path = path or os.environ.get(DATA_ENV_VAR) or None
+    path = data_source(path)
     if path is None:
         arrays, source = _download(), "the Keras download"
     else:
@@ -70,6 +71,20 @@ def load_mnist(
             images, labels = images[:size], labels[:size]
         splits.append((images, labels.astype(np.uint8)))
     return splits[0], splits[1]
+
+
+def data_source(path: str | None = None) -> str | None:
+    """Where load_mnist(path) reads from: `path`, else $CVAE_DATA, else None (download)."""
+    return path or os.environ.get(DATA_ENV_VAR) or None
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A SHA-256 of the arrays' shapes and bytes: the same data, wherever it was read from."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _download() -> dict[str, np.ndarray]:
@@ -229,8 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out_dir = cli.ensure_out_dir(args.out_dir)
-    source = args.data or os.environ.get(DATA_ENV_VAR) or "tf.keras.datasets.mnist.load_data()"
-    print(f"Source: {source}")
+    print(f"Source: {data_source(args.data) or 'tf.keras.datasets.mnist.load_data()'}")
     splits = dict(zip(("train", "test"), load_mnist(args.data)))
 
     print("\nAs loaded:")
