@@ -11,6 +11,7 @@
 # jupytext, VS Code and PyCharm all read the `# %%` cells.
 
 # %%
+import sys
 from pathlib import Path
 
 import tensorflow as tf
@@ -37,22 +38,28 @@ def show(path: Path) -> None:
 cli.setup_script_without_main()  # bad input: one line, not a traceback
 
 # train.py's flags, with the tutorial's recipe as their defaults. parse_known_args,
-# because a notebook kernel passes arguments of its own.
-args, _ = train.build_parser().parse_known_args()
-out_dir = cli.ensure_out_dir(args.out_dir)
+# because a notebook kernel passes arguments of its own. A notebook is re-run from the top,
+# so each run replaces the last one in its own folder.
+parser = train.build_parser()
+parser.set_defaults(out_dir="output/notebook", overwrite=True)
+args, _ = parser.parse_known_args()
+if args.resume:
+    args.overwrite = False
 
 # %% [markdown]
 # ## Load the MNIST dataset
 #
 # Each 28x28 image is a grid of grey levels. We binarize them statically (a pixel is 1
 # where its grey level is above half, else 0) and model each pixel as a Bernoulli
-# variable.
+# variable. `train.prepare_run` loads and checks MNIST (`dataset.load_mnist`), binarizes
+# it (`dataset.binarize`) and sets up the run folder.
 
 # %%
-(train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
-    args.data, args.train_size, args.test_size)
-train_images, test_images = dataset.binarize(train_images), dataset.binarize(test_images)
-print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}")
+run = train.prepare_run(args, cli.explicit_flags(parser, sys.argv[1:]))
+config, out_dir, train_images, test_images = run.config, run.out_dir, run.train_images, run.test_images
+print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}; writing to {out_dir}/")
+dataset.save_preview(train_images[:32], run.train_labels[:32], out_dir / "dataset_preview.png")
+show(out_dir / "dataset_preview.png")
 
 # %% [markdown]
 # ## The encoder and decoder networks
@@ -67,8 +74,8 @@ print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}")
 # eps ~ N(0, I). The randomness sits in eps, and z stays differentiable in mu and sigma.
 
 # %%
-tf.keras.utils.set_random_seed(args.seed)
-model = network.CVAE(args.latent_dim)
+tf.keras.utils.set_random_seed(config["seed"])
+model = network.CVAE(config["latent_dim"])
 model.encoder.summary()
 model.decoder.summary()
 
@@ -82,7 +89,7 @@ model.decoder.summary()
 # estimate keeps all three terms in one formula, as in the tutorial.
 
 # %%
-optimizer = tf.keras.optimizers.Adam(args.learning_rate)
+optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
 print(f"loss of the untrained model on 32 images: "
       f"{float(network.compute_loss(model, train_images[:32])):.1f}")
 
@@ -95,20 +102,21 @@ print(f"loss of the untrained model on 32 images: "
 # through the model and saved as a 4x4 grid.
 
 # %%
-metrics = train.fit(model, optimizer, train_images, test_images, epochs=args.epochs,
-                    batch_size=args.batch_size, seed=args.seed, out_dir=out_dir)
+metrics = train.fit(model, optimizer, train_images, test_images, epochs=config["epochs"],
+                    batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
+                    resume_from=run.resume_from)
 
 # %% [markdown]
 # ## A generated image from the last training epoch
 
 # %%
-show(train.grid_path(out_dir, args.epochs))
+show(train.grid_path(out_dir, config["epochs"]))
 
 # %% [markdown]
 # ## An animated GIF of all the saved images
 
 # %%
-train.save_gif([train.grid_path(out_dir, epoch) for epoch in range(args.epochs + 1)],
+train.save_gif([train.grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)],
                out_dir / "cvae.gif")
 show(out_dir / "cvae.gif")
 
@@ -120,7 +128,7 @@ show(out_dir / "cvae.gif")
 # into one another.
 
 # %%
-if args.latent_dim == 2:
+if config["latent_dim"] == 2:
     train.save_latent_manifold(model, out_dir / "latent_manifold.png")
     show(out_dir / "latent_manifold.png")
 else:

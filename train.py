@@ -9,15 +9,27 @@ Everything a run writes goes into --out-dir:
   cvae.gif                    those grids, one frame an epoch
   latent_manifold.png         digits decoded from a 20x20 grid of the latent plane
   metrics.csv                 per epoch: train loss, test ELBO, seconds, images/s
+  config.json                 the run's settings, and a fingerprint of its data
+  checkpoints/                the last few epochs: weights, optimizer, random states
+
+A run can be stopped at any moment (Ctrl-C, SIGTERM, even SIGKILL or a power cut) and
+continued with --resume from its last complete epoch, with the same results as if it
+had never stopped.
 
     python train.py                                  # the tutorial
     python train.py --data mnist.npz --epochs 1 --train-size 2000   # a quick look
+    python train.py --out-dir output --resume        # continue a stopped run
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
+import math
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +56,10 @@ NUM_EXAMPLES_TO_GENERATE = 16  # the 4x4 grid saved every epoch
 MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 # The test ELBO is a mean over images, so its batching changes nothing but speed.
 EVAL_BATCH_SIZE = 1000
+KEEP_CHECKPOINTS = 3
+# Settings fixed for a run's life: --resume refuses a flag that contradicts them.
+# (--epochs may change: resuming with more epochs trains a finished run further.)
+RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-size", type=cli.positive_int, default=None,
                         help=f"use only the first N test images, at least "
                              f"{NUM_EXAMPLES_TO_GENERATE} (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its last complete epoch, "
+                             "with the settings stored there")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out-dir (refused without this "
+                             "or --resume)")
     return parser
 
 
@@ -150,11 +172,152 @@ def grid_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"image_at_epoch_{epoch:04d}.png"
 
 
+METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
+
+
 def save_metrics(rows: list[dict], path: Path) -> None:
     with cli.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv back as rows of numbers (None where epoch 0 has no training figures)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return [{key: (int(value) if key == "epoch" else float(value)) if value else None
+                 for key, value in row.items()} for row in csv.DictReader(file)]
+
+
+# ----------------------------------------------------------------------------
+# The run folder: a new run, a resumed one, or a refusal before anything is written
+
+RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "image_at_epoch_*.png", "cvae.gif",
+               "latent_manifold.png")
+
+
+def holds_run(out_dir: Path) -> bool:
+    return any(any(out_dir.glob(pattern)) for pattern in RUN_OUTPUTS)
+
+
+@dataclasses.dataclass
+class Run:
+    config: dict  # the settings, as stored in config.json
+    out_dir: Path
+    train_images: np.ndarray  # binarized float32 (N, 28, 28, 1)
+    test_images: np.ndarray
+    train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
+    test_labels: np.ndarray
+    resume_from: str | None  # the checkpoint to continue from, if any
+
+
+def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
+    """Settle the run's settings, data and starting point from the flags and the run folder.
+
+    A new run takes the flags; --resume takes the settings stored in the run folder and
+    refuses a flag or data that contradicts them. Every check comes before the first write,
+    so bad input leaves the folder as it was.
+    """
+    if args.resume and args.overwrite:
+        raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
+                            "choose one")
+    out_dir = cli.ensure_out_dir(args.out_dir)
+    config_path = out_dir / "config.json"
+    flags = {key: getattr(args, key) for key in ("epochs", *RUN_SETTINGS)}
+    if args.resume:
+        if not config_path.exists():
+            raise cli.UserError(f"--resume: no run in {out_dir} (no config.json); start one "
+                                f"without --resume")
+        try:
+            config = json.loads(config_path.read_text())
+            config["data"]  # noqa: B018 - a config without it is not ours
+        except (ValueError, KeyError, TypeError):
+            raise cli.UserError(f"--resume: {config_path} is damaged") from None
+        for key in sorted(given & set(RUN_SETTINGS)):
+            if flags[key] != config[key]:
+                flag = "--" + key.replace("_", "-")
+                raise cli.UserError(f"{flag} {flags[key]} contradicts the run in {out_dir}, which has "
+                                    f"{flag} {config[key]}; drop the flag to resume it, or start a "
+                                    f"new run in another --out-dir")
+        if "epochs" in given:
+            config["epochs"] = flags["epochs"]
+        source = args.data or config["data"]
+    else:
+        if holds_run(out_dir) and not args.overwrite:
+            raise cli.UserError(f"{out_dir} already holds a run; continue it with --resume, or "
+                                f"replace it with --overwrite")
+        source = dataset.data_source(args.data)
+        config = {**flags, "data": str(Path(source).resolve()) if source else None}
+
+    (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
+        source, config["train_size"], config["test_size"])
+    if len(test_images) < NUM_EXAMPLES_TO_GENERATE:
+        raise cli.UserError(f"the sample grid needs {NUM_EXAMPLES_TO_GENERATE} test images, got "
+                            f"{len(test_images)}")
+    data_sha256 = dataset.fingerprint(train_images, test_images)
+    if args.resume and data_sha256 != config.get("data_sha256"):
+        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
+                            f"run in {out_dir} was trained on; pass that with --data")
+    config["data_sha256"] = data_sha256
+    resume_from = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else None
+
+    if args.overwrite:
+        for pattern in RUN_OUTPUTS:
+            for path in out_dir.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with cli.atomic_path(config_path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return Run(config, out_dir, dataset.binarize(train_images), dataset.binarize(test_images),
+               train_labels, test_labels, resume_from)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and stopping
+
+
+def latest_intact_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint whose every tensor reads back (checksums included), skipping
+    damaged ones with a note; None if there is none yet."""
+    paths = sorted(directory.glob("ckpt-*.index"), key=lambda path: int(path.stem.split("-")[1]))
+    damaged = []
+    for index in reversed(paths):
+        prefix = str(index.with_suffix(""))
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError) as error:
+            damaged.append(f"{index.stem} ({str(error).strip().splitlines()[0][:100]})")
+            continue
+        for note in damaged:
+            print(f"Checkpoint {note} is damaged; using {index.stem}, the one before it")
+        return prefix
+    if damaged:
+        raise cli.UserError(f"--resume: no intact checkpoint in {directory}: {'; '.join(damaged)}")
+    return None
+
+
+class GracefulStop:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop honours at the next
+    step boundary, so that what is complete stays complete. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> GracefulStop:
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------
@@ -163,14 +326,12 @@ def save_metrics(rows: list[dict], path: Path) -> None:
 
 def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, out_dir: Path) -> list[dict]:
-    """Train for `epochs`, saving the sample grid and metrics each epoch; return the metrics.
+        seed: int, out_dir: Path, resume_from: str | None = None) -> list[dict]:
+    """Train to `epochs`, saving the sample grid, metrics and a checkpoint every epoch;
+    return the metrics. With `resume_from`, a checkpoint, continue after its epoch.
 
     `train_images` and `test_images` are binarized float32 (N, 28, 28, 1).
     """
-    if len(test_images) < NUM_EXAMPLES_TO_GENERATE:
-        raise cli.UserError(f"the sample grid needs {NUM_EXAMPLES_TO_GENERATE} test images, "
-                            f"got {len(test_images)}")
     if not optimizer.built:  # its variables must exist before train_step is traced
         optimizer.build(model.trainable_variables)
     rng = tf.random.Generator.from_seed(seed)  # all noise: training, evaluation, the grid
@@ -178,69 +339,104 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     train_tensor = tf.constant(train_images)  # converted once, permuted every epoch
     # The same 16 test digits and the same noise every epoch, so the frames differ only
     # by what the model learned.
-    picks = np.random.default_rng(seed).choice(len(test_images), NUM_EXAMPLES_TO_GENERATE,
-                                               replace=False)
-    sample_images = test_images[np.sort(picks)]
-    sample_eps = rng.normal(shape=(NUM_EXAMPLES_TO_GENERATE, model.latent_dim))
+    picks = np.sort(np.random.default_rng(seed).choice(len(test_images), NUM_EXAMPLES_TO_GENERATE,
+                                                       replace=False))
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, rng=rng, epoch=tf.Variable(0, dtype=tf.int64),
+        sample_images=tf.Variable(test_images[picks], trainable=False),
+        sample_eps=tf.Variable(rng.normal((NUM_EXAMPLES_TO_GENERATE, model.latent_dim)),
+                               trainable=False))
+    manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "checkpoints"),
+                                         max_to_keep=KEEP_CHECKPOINTS)
 
-    save_sample_grid(model, sample_images, sample_eps, grid_path(out_dir, 0))
-    elbo = evaluate(model, test_batches, rng)
-    print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
-    metrics = [{"epoch": 0, "train_loss": "", "test_elbo": round(elbo, 4), "seconds": "",
-                "images_per_second": ""}]
-    save_metrics(metrics, out_dir / "metrics.csv")
+    def end_epoch(epoch: int, row: dict) -> None:
+        # Pictures and metrics first, the checkpoint last: a checkpoint marks a complete epoch.
+        save_sample_grid(model, checkpoint.sample_images, checkpoint.sample_eps, grid_path(out_dir, epoch))
+        metrics.append(row)
+        save_metrics(metrics, out_dir / "metrics.csv")
+        checkpoint.epoch.assign(epoch)
+        manager.save(checkpoint_number=epoch)
+
+    if resume_from:
+        checkpoint.restore(resume_from).assert_existing_objects_matched()
+        done = int(checkpoint.epoch)
+        metrics = [row for row in read_metrics(out_dir / "metrics.csv") if row["epoch"] <= done]
+        print(f"Resuming {out_dir} after epoch {done} (test ELBO {metrics[-1]['test_elbo']:.2f})"
+              if done < epochs else f"The run in {out_dir} has finished its {done} epochs")
+    else:
+        metrics, done = [], 0
+        elbo = evaluate(model, test_batches, rng)
+        print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
+        end_epoch(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
 
     num_train = len(train_images)
     steps = -(-num_train // batch_size)
-    for epoch in range(1, epochs + 1):
-        print(f"Epoch {epoch}/{epochs}")
-        # A bar redrawn in place on a terminal; one line an epoch in a log file.
-        progbar = tf.keras.utils.Progbar(steps, stateful_metrics=["loss"],
-                                         verbose=1 if sys.stdout.isatty() else 2)
-        order = dataset.epoch_order(num_train, seed, epoch)
-        loss_sum, seen = 0.0, 0
-        start_time = time.perf_counter()
-        for step, x in enumerate(dataset.make_batches(train_tensor, batch_size, order), 1):
-            loss = float(train_step(model, optimizer, rng, x))
-            loss_sum += loss * len(x)
-            seen += len(x)
-            progbar.update(step, [("loss", loss_sum / seen)])  # the epoch's running mean
-        seconds = time.perf_counter() - start_time
+    with GracefulStop() as stop:
+        for epoch in range(done + 1, epochs + 1):
+            print(f"Epoch {epoch}/{epochs}")
+            # A bar redrawn in place on a terminal; one line an epoch in a log file.
+            progbar = tf.keras.utils.Progbar(steps, stateful_metrics=["loss"],
+                                             verbose=1 if sys.stdout.isatty() else 2)
+            order = dataset.epoch_order(num_train, seed, epoch)
+            loss_sum, seen = 0.0, 0
+            start_time = time.perf_counter()
+            for step, x in enumerate(dataset.make_batches(train_tensor, batch_size, order), 1):
+                loss = float(train_step(model, optimizer, rng, x))
+                if not math.isfinite(loss):
+                    raise cli.ScriptError(
+                        f"the loss is {loss} at epoch {epoch}, step {step}: training diverged; "
+                        f"the checkpoint of epoch {epoch - 1} in {out_dir} is intact", exit_code=1)
+                loss_sum += loss * len(x)
+                seen += len(x)
+                progbar.update(step, [("loss", loss_sum / seen)])  # the epoch's running mean
+                if stop.signal:
+                    break
+            seconds = time.perf_counter() - start_time
+            if stop.signal and seen < num_train:
+                print()
+                raise stopped(stop.signal, f"during epoch {epoch} (step {step} of {steps})",
+                              epoch - 1, out_dir)
 
-        elbo = evaluate(model, test_batches, rng)
-        save_sample_grid(model, sample_images, sample_eps, grid_path(out_dir, epoch))
-        print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {loss_sum / seen:.2f}, "
-              f"time for the epoch {seconds:.1f} s ({seen / seconds:,.0f} images/s)")
-        metrics.append({"epoch": epoch, "train_loss": round(loss_sum / seen, 4),
-                        "test_elbo": round(elbo, 4), "seconds": round(seconds, 3),
-                        "images_per_second": round(seen / seconds, 1)})
-        save_metrics(metrics, out_dir / "metrics.csv")
+            elbo = evaluate(model, test_batches, rng)
+            print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {loss_sum / seen:.2f}, "
+                  f"time for the epoch {seconds:.1f} s ({seen / seconds:,.0f} images/s)")
+            end_epoch(epoch, {"epoch": epoch, "train_loss": round(loss_sum / seen, 4),
+                              "test_elbo": round(elbo, 4), "seconds": round(seconds, 3),
+                              "images_per_second": round(seen / seconds, 1)})
+            if stop.signal and epoch < epochs:
+                raise stopped(stop.signal, f"after epoch {epoch}", epoch, out_dir)
     return metrics
 
 
+def stopped(signum: int, when: str, saved_epoch: int, out_dir: Path) -> cli.ScriptError:
+    return cli.ScriptError(
+        f"stopped by {signal.Signals(signum).name} {when}; epochs up to {saved_epoch} are saved. "
+        f"Resume with: python train.py --out-dir {out_dir} --resume", exit_code=128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    out_dir = cli.ensure_out_dir(args.out_dir)
-    (train_images, _), (test_images, _) = dataset.load_mnist(
-        args.data, args.train_size, args.test_size)
-    train_images, test_images = dataset.binarize(train_images), dataset.binarize(test_images)
-    print(f"Training on {len(train_images):,} images, testing on {len(test_images):,}; "
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = prepare_run(args, cli.explicit_flags(parser, argv))
+    config, out_dir = run.config, run.out_dir
+    print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
           f"writing to {out_dir}/")
 
-    tf.keras.utils.set_random_seed(args.seed)  # the initial weights
-    model = network.CVAE(args.latent_dim)
-    optimizer = tf.keras.optimizers.Adam(args.learning_rate)
-    fit(model, optimizer, train_images, test_images, epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, out_dir=out_dir)
+    tf.keras.utils.set_random_seed(config["seed"])  # the initial weights
+    model = network.CVAE(config["latent_dim"])
+    optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
+    fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
+        batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
+        resume_from=run.resume_from)
 
-    frames = [grid_path(out_dir, epoch) for epoch in range(args.epochs + 1)]
+    frames = [grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
     save_gif(frames, out_dir / "cvae.gif")
     print(f"Wrote {out_dir / 'cvae.gif'} ({len(frames)} frames)")
-    if args.latent_dim == 2:
+    if config["latent_dim"] == 2:
         save_latent_manifold(model, out_dir / "latent_manifold.png")
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
-        print(f"No latent manifold: it needs --latent-dim 2, not {args.latent_dim}")
+        print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")
 
 
 if __name__ == "__main__":
