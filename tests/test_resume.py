@@ -1,0 +1,249 @@
+"""Runs you can trust: stopped at any moment (SIGKILL, SIGTERM, SIGINT) and resumed, a
+run gives the same metrics and the same final weights as one never stopped; bad input
+is refused in one line with exit code 2 and leaves the run folder as it was."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, make_mnist_arrays, own_stderr, run_script, write_idx_folder
+
+EPOCHS = 3
+TINY = dict(num_train=1600, num_test=64)  # 50 steps an epoch: long enough to stop inside one
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "mnist.npz"
+    np.savez(path, **make_mnist_arrays(**TINY))
+    return path
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out-dir", str(out), "--epochs", str(EPOCHS), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    """A run never stopped, to compare the others with."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_script("train.py", *train_args(data, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def metrics(out: Path) -> list[tuple]:
+    with open(out / "metrics.csv") as file:
+        return [(row["epoch"], row["train_loss"], row["test_elbo"]) for row in csv.DictReader(file)]
+
+
+def final_state(out: Path) -> dict[str, np.ndarray]:
+    """Every variable of the last checkpoint: weights, optimizer slots, random state."""
+    reader = tf.train.load_checkpoint(str(out / "checkpoints"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith("save_counter")}
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    assert metrics(out) == metrics(reference)
+    expected, state = final_state(reference), final_state(out)
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)  # bit for bit
+    assert (out / "cvae.gif").is_file() and (out / "latent_manifold.png").is_file()
+
+
+def start_and_wait_for_epoch(args: list[str], out: Path, epoch: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / f"ckpt-{epoch}.index").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    return process
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, data, reference):
+    out = tmp_path / "run"
+    process = start_and_wait_for_epoch(train_args(data, out), out, epoch=1)
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "cvae.gif").exists()  # it really stopped before the end
+
+    result = run_script("train.py", "--out-dir", out, "--resume")  # settings from config.json
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming" in result.stdout
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, data, reference, sig, code):
+    out = tmp_path / "run"
+    process = start_and_wait_for_epoch(train_args(data, out), out, epoch=1)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code
+    lines = own_stderr(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, lines
+    assert f"stopped by {sig.name}" in lines[0]
+    assert f"python train.py --out-dir {out} --resume" in lines[0]
+    saved = sorted(int(path.stem.split("-")[1]) for path in (out / "checkpoints").glob("ckpt-*.index"))
+    assert [int(row[0]) for row in metrics(out)] == list(range(saved[-1] + 1))  # complete epochs only
+    assert not list(out.glob(".*tmp*"))
+
+    result = run_script("train.py", "--out-dir", out, "--resume", "--data", data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, reference)
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, reference):
+    out = tmp_path / "done"
+    shutil.copytree(reference, out)
+    result = run_script("train.py", "--out-dir", out, "--resume")
+    assert result.returncode == 0
+    assert f"has finished its {EPOCHS} epochs" in result.stdout
+    assert metrics(out) == metrics(reference)
+
+
+def test_resume_with_more_epochs_trains_further(tmp_path, data, reference):
+    out = tmp_path / "longer"
+    result = run_script("train.py", *train_args(data, out)[:-2], "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("train.py", "--out-dir", out, "--resume", "--epochs", str(EPOCHS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, reference)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, reference):
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    data_file = out / "checkpoints" / f"ckpt-{EPOCHS}.data-00000-of-00001"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    result = run_script("train.py", "--out-dir", out, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"ckpt-{EPOCHS}" in result.stdout and "is damaged" in result.stdout
+    assert f"Resuming {out} after epoch {EPOCHS - 1}" in result.stdout
+    assert_same_run(out, reference)
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, data):
+    out = tmp_path / "diverged"
+    result = run_script("train.py", *train_args(data, out, "--learning-rate", "1e30"))
+    assert result.returncode == 1
+    lines = own_stderr(result.stderr)
+    assert len(lines) == 1 and "the loss is nan at epoch 1, step" in lines[0], lines
+    assert tf.train.load_checkpoint(str(out / "checkpoints" / "ckpt-0")) is not None
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line, exit code 2, no traceback, and the run folder exactly as it was
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def bad_npz(tmp: Path, **changes) -> Path:
+    arrays = make_mnist_arrays(**TINY)
+    arrays.update(changes)
+    path = tmp / "bad.npz"
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    return path
+
+
+def idx_folder(tmp: Path, key: str, edit) -> Path:
+    folder = write_idx_folder(tmp / "idx", make_mnist_arrays(**TINY))
+    file = folder / {"x_train": "train-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}[key]
+    file.write_bytes(edit(file.read_bytes()))
+    return folder
+
+
+def damage_every_checkpoint(run: Path) -> None:
+    for file in (run / "checkpoints").glob("ckpt-*.index"):
+        file.write_bytes(b"not a checkpoint index")
+
+
+BAD_INPUT = {
+    # name: (flags after --out-dir RUN, or a function (tmp, run) -> flags; what the line says)
+    "missing path": (["--overwrite", "--data", "nowhere.npz"], "no such file or folder"),
+    "not an npz or zip": (lambda tmp, run: ["--overwrite", "--data", str(tmp / "notes.txt")],
+                          "not an .npz or zip file"),
+    "npz missing a key": (lambda tmp, run: ["--overwrite", "--data", str(bad_npz(tmp, x_test=None))],
+                          "missing x_test"),
+    "wrong shape": (lambda tmp, run: ["--overwrite", "--data", str(
+        bad_npz(tmp, x_train=np.zeros((1600, 28, 14), np.uint8)))], "expected (N, 28, 28)"),
+    "wrong dtype": (lambda tmp, run: ["--overwrite", "--data", str(
+        bad_npz(tmp, x_test=np.zeros((64, 28, 28), np.float64)))], "expected uint8"),
+    "labels out of range": (lambda tmp, run: ["--overwrite", "--data", str(
+        bad_npz(tmp, y_train=np.full(1600, 11, np.uint8)))], "expected 0..9"),
+    "empty split": (lambda tmp, run: ["--overwrite", "--data", str(bad_npz(
+        tmp, x_train=np.zeros((0, 28, 28), np.uint8), y_train=np.zeros(0, np.uint8)))], "no images"),
+    "truncated IDX": (lambda tmp, run: ["--overwrite", "--data", str(
+        idx_folder(tmp, "x_train", lambda b: b[:-1000]))], "truncated"),
+    "IDX wrong magic": (lambda tmp, run: ["--overwrite", "--data", str(
+        idx_folder(tmp, "y_test", lambda b: b"\0\0\x08\x03" + b[4:]))], "wrong magic number"),
+    "epochs < 0": (["--overwrite", "--epochs", "-2"], "argument --epochs"),
+    "latent dim < 1": (["--overwrite", "--latent-dim", "0"], "argument --latent-dim"),
+    "batch size < 1": (["--overwrite", "--batch-size", "-1"], "argument --batch-size"),
+    "train size too large": (["--overwrite", "--train-size", "1601"], "--train-size 1601 is larger"),
+    "test size too large": (["--overwrite", "--test-size", "65"], "--test-size 65 is larger"),
+    "fewer than 16 test images": (["--overwrite", "--test-size", "15"], "needs 16 test images, got 15"),
+    "a run is there already": ([], "already holds a run; continue it with --resume"),
+    "resume and overwrite": (["--resume", "--overwrite"], "choose one"),
+    "resume contradicting a flag": (["--resume", "--latent-dim", "4"],
+                                    "--latent-dim 4 contradicts the run"),
+    "resume with other data": (lambda tmp, run: ["--resume", "--data", str(bad_npz(
+        tmp, x_train=make_mnist_arrays(**TINY, seed=5)["x_train"]))], "is not the data the run"),
+    "resume with every checkpoint damaged": (lambda tmp, run: damage_every_checkpoint(run) or [
+        "--resume", "--epochs", "5"], "no intact checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, case):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (tmp_path / "notes.txt").write_text("not an archive\n")
+    flags, expected = BAD_INPUT[case]
+    flags = flags(tmp_path, run) if callable(flags) else flags
+    if "--data" not in flags:
+        flags = [*flags, "--data", str(data)]
+    before = snapshot(run)
+    result = run_script("train.py", "--out-dir", run, *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = own_stderr(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), lines
+    assert expected in lines[0]
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("where, expected", [("file", "is a file, not a folder"),
+                                             ("read-only", "is not writable")])
+def test_an_unusable_out_dir_is_refused(tmp_path, data, where, expected):
+    out = tmp_path / "notes.txt" if where == "file" else Path("/sys")  # read-only even for root
+    if where == "file":
+        out.write_text("keep me\n")
+    result = run_script("train.py", "--out-dir", out, "--data", data)
+    assert result.returncode == 2
+    lines = own_stderr(result.stderr)
+    assert len(lines) == 1 and expected in lines[0], lines
+    if where == "file":
+        assert out.read_text() == "keep me\n"
