@@ -90,10 +90,21 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
     )
 
 
-def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None) -> tf.Tensor:
-    """Single-sample Monte Carlo ELBO of each image: log p(x|z) + log p(z) - log q(z|x).
+KL_ESTIMATORS = ("mc", "analytic")
 
-    z is one draw from q(z|x) (noise `eps`, or fresh noise if None); shape (batch,).
+
+def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per example: (batch,)."""
+    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1.0 - logvar, axis=1)
+
+
+def elbo_parts(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
+               kl: str = "mc") -> tuple[tf.Tensor, tf.Tensor]:
+    """The two parts of each image's ELBO, (log p(x|z), KL), each (batch,); ELBO = first - second.
+
+    z is one draw from q(z|x) (noise `eps`, or fresh noise if None). With kl="mc" (the
+    tutorial) the KL is its single-sample estimate log q(z|x) - log p(z); with
+    kl="analytic", its closed form.
     """
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
@@ -101,14 +112,38 @@ def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None) ->
     # Bernoulli log-likelihood of the binarized pixels, from the logits for stability.
     cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
     logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    if kl == "analytic":
+        return logpx_z, analytic_kl(mean, logvar)
     logpz = log_normal_pdf(z, 0.0, 0.0)
     logqz_x = log_normal_pdf(z, mean, logvar)
-    return logpx_z + logpz - logqz_x
+    return logpx_z, logqz_x - logpz
 
 
-def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None) -> tf.Tensor:
+def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
+                     kl: str = "mc") -> tf.Tensor:
+    """Single-sample Monte Carlo ELBO of each image: log p(x|z) + log p(z) - log q(z|x)
+    (or log p(x|z) - KL in closed form, with kl="analytic"); shape (batch,)."""
+    logpx_z, kl_term = elbo_parts(model, x, eps, kl)
+    return logpx_z - kl_term
+
+
+def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
     """The training loss: the negative ELBO, averaged over the batch."""
-    return -tf.reduce_mean(elbo_per_example(model, x, eps))
+    return -tf.reduce_mean(elbo_per_example(model, x, eps, kl))
+
+
+def log_importance_weights(model: CVAE, x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k per image, from `eps`
+    (batch, K, latent); shape (batch, K). Their log-mean-exp is the IWAE bound on log p(x);
+    for K = 1 it is the single-sample ELBO."""
+    mean, logvar = model.encode(x)
+    mean, logvar = mean[:, tf.newaxis], logvar[:, tf.newaxis]
+    z = model.reparameterize(mean, logvar, eps)  # (batch, K, latent)
+    batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
+    logits = model.decode(tf.reshape(z, (batch * k, model.latent_dim)))
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=logits, labels=tf.repeat(x, k, axis=0))
+    logpx_z = -tf.reshape(tf.reduce_sum(cross_ent, axis=[1, 2, 3]), (batch, k))
+    return logpx_z + log_normal_pdf(z, 0.0, 0.0, raxis=2) - log_normal_pdf(z, mean, logvar, raxis=2)
 
 
 # ----------------------------------------------------------------------------
