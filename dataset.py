@@ -1,4 +1,4 @@
-"""MNIST for the CVAE: load it, check it, binarize it, batch it.
+"""MNIST (or Fashion-MNIST) for the CVAE: load it, check it, binarize it, batch it.
 
 Where the data comes from, first match wins:
   --data PATH (or the CVAE_DATA variable): a Keras-format .npz (x_train, y_train,
@@ -34,6 +34,8 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
+KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.datasets.fashion_mnist}
+TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes; 3 dims for images, 1 for labels
 
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, 28, 28), labels uint8 (N,))
@@ -44,16 +46,18 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, 28, 28), labels uint8
 
 
 def load_mnist(
-    path: str | None = None, train_size: int | None = None, test_size: int | None = None
+    path: str | None = None, train_size: int | None = None, test_size: int | None = None,
+    name: str = "mnist",
 ) -> tuple[Split, Split]:
     """Return (x_train, y_train), (x_test, y_test), checked, as uint8 arrays.
 
     `path` is a .npz file or an IDX folder; None means $CVAE_DATA, then the Keras
-    download. `train_size` / `test_size` keep only the first N images of a split.
+    download of `name` (mnist or fashion_mnist, which has MNIST's format and file names).
+    `train_size` / `test_size` keep only the first N images of a split.
     """
     path = data_source(path)
     if path is None:
-        arrays, source = _download(), "the Keras download"
+        arrays, source = _download(name), "the Keras download"
     else:
         source = path
         if not Path(path).exists():
@@ -87,13 +91,13 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _download() -> dict[str, np.ndarray]:
+def _download(name: str) -> dict[str, np.ndarray]:
     try:
-        (x_train, y_train), (x_test, y_test) = tf.keras.datasets.mnist.load_data()
+        (x_train, y_train), (x_test, y_test) = KERAS_DATASETS[name].load_data()
     except Exception as error:  # noqa: BLE001 - any network or cache failure ends the same way
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"could not download MNIST ({reason}); pass a local copy with --data PATH "
+            f"could not download {TITLES[name]} ({reason}); pass a local copy with --data PATH "
             f"or {DATA_ENV_VAR}=PATH (a Keras .npz or a folder of IDX files)"
         ) from None
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
@@ -228,7 +232,7 @@ def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, columns: in
         if i < len(images):
             axes.imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=1)
             axes.set_title(str(labels[i]), fontsize=10)
-    figure.suptitle("Binarized MNIST training digits (label above each)")
+    figure.suptitle("Binarized training images (label above each)")
     with cli.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
 
@@ -238,14 +242,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", default=None,
                         help=f"Keras .npz or folder of IDX files; default ${DATA_ENV_VAR}, "
                              "else the Keras download")
+    parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
+                        help="which Keras download to use when no --data is given")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")
     args = parser.parse_args(argv)
 
     out_dir = cli.ensure_out_dir(args.out_dir)
-    print(f"Source: {data_source(args.data) or 'tf.keras.datasets.mnist.load_data()'}")
-    splits = dict(zip(("train", "test"), load_mnist(args.data)))
+    print(f"Source: {data_source(args.data) or f'tf.keras.datasets.{args.dataset}.load_data()'}")
+    splits = dict(zip(("train", "test"), load_mnist(args.data, name=args.dataset)))
 
     print("\nAs loaded:")
     for name, (images, labels) in splits.items():

@@ -183,3 +183,11 @@ def test_make_batches_follows_the_order_and_keeps_the_remainder():
     assert batches == [[9, 3, 1, 0], [2, 8, 7, 6], [5, 4]]
     in_order = [b.numpy().ravel().tolist() for b in dataset.make_batches(images, 6)]
     assert in_order == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_fashion_mnist_comes_from_its_own_keras_loader(monkeypatch, tiny_arrays):
+    a = tiny_arrays
+    monkeypatch.setattr(tf.keras.datasets.fashion_mnist, "load_data",
+                        lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
+    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", lambda: pytest.fail("not MNIST"))
+    assert_same_as(dataset.load_mnist(name="fashion_mnist"), tiny_arrays)
