@@ -104,7 +104,7 @@ print(f"loss of the untrained model on 32 images: "
 # %%
 metrics = train.fit(model, optimizer, train_images, test_images, epochs=config["epochs"],
                     batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-                    resume_from=run.resume_from)
+                    resume_from=run.resume_from, kl=config["kl"])
 
 # %% [markdown]
 # ## A generated image from the last training epoch

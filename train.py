@@ -11,6 +11,8 @@ Everything a run writes goes into --out-dir:
   metrics.csv                 per epoch: train loss, test ELBO, seconds, images/s
   config.json                 the run's settings, and a fingerprint of its data
   checkpoints/                the last few epochs: weights, optimizer, random states
+  tensorboard/                train loss, test ELBO, epoch time and the grid, for
+                              `tensorboard --logdir OUT_DIR`
 
 A run can be stopped at any moment (Ctrl-C, SIGTERM, even SIGKILL or a power cut) and
 continued with --resume from its last complete epoch, with the same results as if it
@@ -57,9 +59,13 @@ MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 # The test ELBO is a mean over images, so its batching changes nothing but speed.
 EVAL_BATCH_SIZE = 1000
 KEEP_CHECKPOINTS = 3
+LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
 # Settings fixed for a run's life: --resume refuses a flag that contradicts them.
 # (--epochs may change: resuming with more epochs trains a finished run further.)
-RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size")
+RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
+                "kl", "dataset")
+# What runs from before a setting existed used, for --resume and evaluate.py.
+SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per training step")
     parser.add_argument("--learning-rate", type=cli.positive_float, default=LEARNING_RATE,
                         help="Adam's learning rate")
+    parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
+                        help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
+                             "its closed form (analytic)")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="seed for weights, shuffling and noise: the same seed repeats a "
                              "run on the same machine")
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None,
                         help=f"Keras .npz or folder of MNIST IDX files; default "
                              f"${dataset.DATA_ENV_VAR}, else the Keras download")
+    parser.add_argument("--dataset", choices=tuple(dataset.KERAS_DATASETS), default="mnist",
+                        help="which Keras download to use when no --data is given")
     parser.add_argument("--train-size", type=cli.positive_int, default=None,
                         help="use only the first N training images (default: all)")
     parser.add_argument("--test-size", type=cli.positive_int, default=None,
@@ -100,27 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 @tf.function
 def train_step(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
-               rng: tf.random.Generator, x: tf.Tensor) -> tf.Tensor:
+               rng: tf.random.Generator, x: tf.Tensor, kl: str = "mc") -> tf.Tensor:
     """One gradient step on the negative single-sample ELBO; returns the batch loss."""
     eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
     with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps)
+        loss = network.compute_loss(model, x, eps, kl)
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
 
 
 @tf.function
-def _elbo_sum(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor) -> tf.Tensor:
+def _elbo_sum(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, kl: str) -> tf.Tensor:
     eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
-    return tf.reduce_sum(network.elbo_per_example(model, x, eps))
+    return tf.reduce_sum(network.elbo_per_example(model, x, eps, kl))
 
 
-def evaluate(model: network.CVAE, batches: tf.data.Dataset, rng: tf.random.Generator) -> float:
+def evaluate(model: network.CVAE, batches: tf.data.Dataset, rng: tf.random.Generator,
+             kl: str = "mc") -> float:
     """The test-set ELBO: the single-sample estimate averaged over every image in `batches`."""
     total, count = 0.0, 0
     for x in batches:
-        total += float(_elbo_sum(model, rng, x))
+        total += float(_elbo_sum(model, rng, x, kl))
         count += len(x)
     return total / count
 
@@ -194,8 +206,8 @@ def read_metrics(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------
 # The run folder: a new run, a resumed one, or a refusal before anything is written
 
-RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "image_at_epoch_*.png", "cvae.gif",
-               "latent_manifold.png")
+RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "image_at_epoch_*.png",
+               "cvae.gif", "latent_manifold.png")
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -231,7 +243,7 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
             raise cli.UserError(f"--resume: no run in {out_dir} (no config.json); start one "
                                 f"without --resume")
         try:
-            config = json.loads(config_path.read_text())
+            config = {**SETTING_DEFAULTS, **json.loads(config_path.read_text())}
             config["data"]  # noqa: B018 - a config without it is not ours
         except (ValueError, KeyError, TypeError):
             raise cli.UserError(f"--resume: {config_path} is damaged") from None
@@ -252,7 +264,7 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
         config = {**flags, "data": str(Path(source).resolve()) if source else None}
 
     (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
-        source, config["train_size"], config["test_size"])
+        source, config["train_size"], config["test_size"], config["dataset"])
     if len(test_images) < NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {NUM_EXAMPLES_TO_GENERATE} test images, got "
                             f"{len(test_images)}")
@@ -326,7 +338,7 @@ class GracefulStop:
 
 def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, out_dir: Path, resume_from: str | None = None) -> list[dict]:
+        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc") -> list[dict]:
     """Train to `epochs`, saving the sample grid, metrics and a checkpoint every epoch;
     return the metrics. With `resume_from`, a checkpoint, continue after its epoch.
 
@@ -348,10 +360,18 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                                trainable=False))
     manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "checkpoints"),
                                          max_to_keep=KEEP_CHECKPOINTS)
+    tensorboard = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
 
     def end_epoch(epoch: int, row: dict) -> None:
         # Pictures and metrics first, the checkpoint last: a checkpoint marks a complete epoch.
         save_sample_grid(model, checkpoint.sample_images, checkpoint.sample_eps, grid_path(out_dir, epoch))
+        with tensorboard.as_default(step=epoch):
+            tf.summary.scalar("test/elbo", row["test_elbo"])
+            if row.get("seconds"):
+                tf.summary.scalar("epoch/seconds", row["seconds"])
+                tf.summary.scalar("epoch/images_per_second", row["images_per_second"])
+            tf.summary.image("samples", iio.imread(grid_path(out_dir, epoch))[np.newaxis])
+        tensorboard.flush()
         metrics.append(row)
         save_metrics(metrics, out_dir / "metrics.csv")
         checkpoint.epoch.assign(epoch)
@@ -365,7 +385,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
               if done < epochs else f"The run in {out_dir} has finished its {done} epochs")
     else:
         metrics, done = [], 0
-        elbo = evaluate(model, test_batches, rng)
+        elbo = evaluate(model, test_batches, rng, kl)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         end_epoch(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
 
@@ -381,13 +401,16 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             loss_sum, seen = 0.0, 0
             start_time = time.perf_counter()
             for step, x in enumerate(dataset.make_batches(train_tensor, batch_size, order), 1):
-                loss = float(train_step(model, optimizer, rng, x))
+                loss = float(train_step(model, optimizer, rng, x, kl))
                 if not math.isfinite(loss):
                     raise cli.ScriptError(
                         f"the loss is {loss} at epoch {epoch}, step {step}: training diverged; "
                         f"the checkpoint of epoch {epoch - 1} in {out_dir} is intact", exit_code=1)
                 loss_sum += loss * len(x)
                 seen += len(x)
+                if step % LOG_EVERY_STEPS == 0 or step == steps:
+                    with tensorboard.as_default(step=optimizer.iterations):
+                        tf.summary.scalar("train/loss", loss)
                 progbar.update(step, [("loss", loss_sum / seen)])  # the epoch's running mean
                 if stop.signal:
                     break
@@ -397,7 +420,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                 raise stopped(stop.signal, f"during epoch {epoch} (step {step} of {steps})",
                               epoch - 1, out_dir)
 
-            elbo = evaluate(model, test_batches, rng)
+            elbo = evaluate(model, test_batches, rng, kl)
             print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {loss_sum / seen:.2f}, "
                   f"time for the epoch {seconds:.1f} s ({seen / seconds:,.0f} images/s)")
             end_epoch(epoch, {"epoch": epoch, "train_loss": round(loss_sum / seen, 4),
@@ -427,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
     fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
         batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-        resume_from=run.resume_from)
+        resume_from=run.resume_from, kl=config["kl"])
 
     frames = [grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
     save_gif(frames, out_dir / "cvae.gif")
