@@ -1,0 +1,279 @@
+"""Evaluate a trained run: the ELBO and its parts, an importance-weighted log p(x), and
+pictures of what the model learned.
+
+Loads the run's latest checkpoint and its config.json (no flags to repeat), and writes
+into the run folder:
+
+  evaluation.json        every figure below, K, the checkpoint's epoch, the data used
+  reconstructions.png    test digits (odd rows) above their reconstructions (even rows)
+  prior_samples.png      64 digits decoded from z ~ N(0, I)
+  latent_space.png       the test set's latent means, coloured by label
+  latent_manifold.png    digits decoded from a grid of the latent plane (latent_dim 2)
+  interpolation.png      a walk in latent space between two test digits of different classes
+  training_curves.png    train loss and test ELBO per epoch, from metrics.csv
+
+    python evaluate.py --out-dir output
+    python evaluate.py --out-dir output --iw-samples 1000 --test-size 1000
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+
+import cli
+import dataset
+import network
+import train
+
+IW_SAMPLES = 100
+# Decoded images per call of the IWAE bound: the K samples are taken in chunks, so memory
+# stays bounded (a few hundred MB) whatever K is.
+DECODES_PER_CALL = 4096
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description="Evaluate a trained CVAE run and draw its pictures.")
+    parser.add_argument("--out-dir", default=train.OUT_DIR, help="the run folder to evaluate")
+    parser.add_argument("--iw-samples", type=cli.positive_int, default=IW_SAMPLES,
+                        help="K, the samples per image of the importance-weighted bound")
+    parser.add_argument("--test-size", type=cli.positive_int, default=None,
+                        help="use only the first N test images (default: the run's test set)")
+    parser.add_argument("--data", default=None,
+                        help="where the run's data is now, if not where config.json says")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the evaluation's noise")
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# The figures
+
+
+@tf.function
+def _elbo_parts(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, kl: str):
+    eps = rng.normal((tf.shape(x)[0], model.latent_dim))
+    return network.elbo_parts(model, x, eps, kl)
+
+
+@tf.function
+def _iwae_chunk(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, k: int) -> tf.Tensor:
+    """log-sum-exp over `k` importance weights of each image in `x`: (batch,)."""
+    eps = rng.normal((tf.shape(x)[0], k, model.latent_dim))
+    return tf.reduce_logsumexp(network.log_importance_weights(model, x, eps), axis=1)
+
+
+def iwae_bound(model: network.CVAE, x: tf.Tensor, rng: tf.random.Generator, k: int) -> np.ndarray:
+    """log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per image: a lower bound on
+    log p(x) that tightens as K grows, and the single-sample ELBO when K = 1.
+
+    The K samples go in chunks, combined with a running log-sum-exp, so memory is bounded
+    for any K and the sum never leaves log space.
+    """
+    chunk = max(1, min(k, DECODES_PER_CALL // len(x)))
+    total = tf.fill([len(x)], -np.inf)
+    for start in range(0, k, chunk):
+        size = min(chunk, k - start)
+        total = tf.reduce_logsumexp(tf.stack([total, _iwae_chunk(model, rng, x, size)]), axis=0)
+    return (total - math.log(k)).numpy()
+
+
+def mean_and_stderr(values: np.ndarray) -> dict:
+    return {"mean": float(np.mean(values)),
+            "stderr": float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0}
+
+
+def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl: str,
+                 seed: int) -> dict:
+    """The test figures of `model` on `images`: the ELBO, its two parts, and the IWAE bound."""
+    rng = tf.random.Generator.from_seed(seed)
+    logpx_z, kl_term, iwae = [], [], []
+    # Images per call of the IWAE bound: at least one, and K of them fit DECODES_PER_CALL.
+    batch = max(1, min(train.EVAL_BATCH_SIZE, DECODES_PER_CALL // iw_samples))
+    for x in dataset.make_batches(images, batch):
+        parts = _elbo_parts(model, rng, x, kl)
+        logpx_z.append(parts[0].numpy())
+        kl_term.append(parts[1].numpy())
+        iwae.append(iwae_bound(model, x, rng, iw_samples))
+    logpx_z, kl_term, iwae = map(np.concatenate, (logpx_z, kl_term, iwae))
+    return {"elbo": mean_and_stderr(logpx_z - kl_term),
+            "reconstruction_log_likelihood": mean_and_stderr(logpx_z),
+            "kl": mean_and_stderr(kl_term),
+            "iwae_log_likelihood": {"k": iw_samples, **mean_and_stderr(iwae)}}
+
+
+# ----------------------------------------------------------------------------
+# The pictures
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    with cli.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
+    rows = -(-len(images) // columns)
+    for i, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if i < len(images):
+            axes.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
+            if i < len(titles):
+                axes.set_title(titles[i], fontsize=8)
+
+
+def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, count: int = 32,
+                         columns: int = 8) -> None:
+    """Test digits, each row of them above a row of their reconstructions (decoded means)."""
+    originals = images[:count]
+    mean, _ = model.encode(originals)
+    reconstructions = model.sample(mean).numpy()
+    rows = []
+    for start in range(0, len(originals), columns):
+        rows += [originals[start:start + columns], reconstructions[start:start + columns]]
+    figure = Figure(figsize=(columns, len(rows) * 1.05))
+    image_grid(figure, np.concatenate(rows), columns)
+    figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
+    save_figure(figure, path)
+
+
+def save_prior_samples(model: network.CVAE, path: Path, seed: int, count: int = 64) -> None:
+    z = tf.random.stateless_normal((count, model.latent_dim), seed=(seed, 1))
+    figure = Figure(figsize=(8, 8.4))
+    image_grid(figure, model.sample(z).numpy(), 8)
+    figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
+    save_figure(figure, path)
+
+
+def save_latent_space(model: network.CVAE, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """The test set's latent means, coloured by label; the first two principal components
+    when the latent space has more than two dimensions."""
+    means = np.concatenate([model.encode(x)[0].numpy()
+                            for x in dataset.make_batches(images, train.EVAL_BATCH_SIZE)])
+    if means.shape[1] == 1:
+        points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
+        title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
+    elif means.shape[1] == 2:
+        points, title, axis_labels = means, "Latent means of the test set", ("z[0]", "z[1]")
+    else:
+        centred = means - means.mean(axis=0)
+        _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
+        points = centred @ components[:2].T
+        explained = (singular_values[:2] ** 2).sum() / (singular_values**2).sum()
+        title = (f"Latent means of the test set: first two principal components of "
+                 f"{means.shape[1]} dimensions ({explained:.0%} of the variance)")
+        axis_labels = ("PC 1", "PC 2")
+    figure = Figure(figsize=(8, 7))
+    axes = figure.add_subplot()
+    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5,
+                           vmax=9.5, s=3, alpha=0.7)
+    figure.colorbar(scatter, ax=axes, ticks=range(10), label="label")
+    axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
+    save_figure(figure, path)
+
+
+def save_interpolation(model: network.CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
+                       steps: int = 10) -> None:
+    """Decode evenly spaced points on the line between the latent means of two test
+    digits of different classes (the first test image and the first of another label)."""
+    first = 0
+    other = int(np.flatnonzero(labels != labels[first])[0])
+    mean, _ = model.encode(images[[first, other]])
+    weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, np.newaxis]
+    path_z = (1 - weights) * mean[0] + weights * mean[1]
+    decoded = model.sample(tf.constant(path_z)).numpy()
+    row = np.concatenate([images[[first]], decoded, images[[other]]])
+    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights[:, 0]] + [f"test {labels[other]}"]
+    figure = Figure(figsize=(len(row) * 1.0, 1.6))
+    image_grid(figure, row, len(row), titles)
+    figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
+    save_figure(figure, path)
+
+
+def save_training_curves(metrics: list[dict], path: Path) -> None:
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    trained = [row for row in metrics if row["train_loss"] is not None]
+    axes.plot([r["epoch"] for r in trained], [-r["train_loss"] for r in trained], "o-",
+              label="train ELBO (minus the epoch's mean loss)")
+    axes.plot([r["epoch"] for r in metrics if r["epoch"] > 0],
+              [r["test_elbo"] for r in metrics if r["epoch"] > 0], "s-", label="test ELBO")
+    axes.set(xlabel="epoch", ylabel="ELBO (nats per image)", title="Training curves")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    config_path = out_dir / "config.json"
+    if not config_path.is_file():
+        raise cli.UserError(f"{out_dir} holds no run (no config.json); train one with "
+                            f"python train.py --out-dir {out_dir}")
+    try:
+        config = {**train.SETTING_DEFAULTS, **json.loads(config_path.read_text())}
+    except ValueError:
+        raise cli.UserError(f"{config_path} is damaged") from None
+    checkpoint_path = train.latest_intact_checkpoint(out_dir / "checkpoints")
+    if checkpoint_path is None:
+        raise cli.UserError(f"{out_dir} has no checkpoint yet")
+
+    source = args.data or config["data"]
+    (train_images, _), (test_images, test_labels) = dataset.load_mnist(
+        source, config["train_size"], config["test_size"], config["dataset"])
+    if dataset.fingerprint(train_images, test_images) != config["data_sha256"]:
+        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
+                            f"run in {out_dir} was trained on; pass that with --data")
+    if args.test_size is not None:
+        if args.test_size > len(test_images):
+            raise cli.UserError(f"--test-size {args.test_size} is larger than the run's "
+                                f"{len(test_images)} test images")
+        test_images, test_labels = test_images[:args.test_size], test_labels[:args.test_size]
+    test_images = dataset.binarize(test_images)
+
+    model = network.CVAE(config["latent_dim"])
+    epoch = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(model=model, epoch=epoch).restore(checkpoint_path).expect_partial()
+    print(f"Evaluating {checkpoint_path} (epoch {int(epoch)}) on {len(test_images):,} test images, "
+          f"K = {args.iw_samples}")
+
+    figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=config["kl"],
+                           seed=args.seed)
+    report = {"checkpoint": checkpoint_path, "epoch": int(epoch), "data": source,
+              "dataset": config["dataset"], "test_images": len(test_images),
+              "kl_estimator": config["kl"], "seed": args.seed, **figures}
+    with cli.atomic_path(out_dir / "evaluation.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+    def line(name: str, figure: dict) -> str:
+        return f"  {name:38s} {figure['mean']:9.2f} +- {figure['stderr']:.2f}"
+
+    print(line("ELBO", figures["elbo"]))
+    print(line("  reconstruction log-likelihood", figures["reconstruction_log_likelihood"]))
+    print(line("  KL(q(z|x) || p(z))", figures["kl"]))
+    print(line(f"log p(x), IWAE bound with K = {args.iw_samples}", figures["iwae_log_likelihood"]))
+    print("(nats per image; +- one standard error over the test images)")
+
+    save_reconstructions(model, test_images, out_dir / "reconstructions.png")
+    save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
+    save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png")
+    save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png")
+    save_training_curves(train.read_metrics(out_dir / "metrics.csv"), out_dir / "training_curves.png")
+    written = ["evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
+               "interpolation.png", "training_curves.png"]
+    if config["latent_dim"] == 2:
+        train.save_latent_manifold(model, out_dir / "latent_manifold.png")
+        written.append("latent_manifold.png")
+    print(f"Wrote {', '.join(written)} in {out_dir}/")
+
+
+if __name__ == "__main__":
+    cli.run(main)
