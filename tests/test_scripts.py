@@ -45,7 +45,7 @@ def test_train_script_writes_every_output(tiny_npz, tmp_path):
     result = run_script("train.py", "--data", tiny_npz, "--epochs", "2", "--out-dir", out)
     assert_ok(result)
     expected = {f"image_at_epoch_{e:04d}.png" for e in range(3)} | {
-        "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints"}
+        "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints", "tensorboard"}
     assert {p.name for p in out.iterdir()} == expected  # nothing else, no temporary files
     assert iio.imread(out / "cvae.gif", index=None).shape[0] == 3
     with open(out / "metrics.csv") as file:
