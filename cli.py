@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -49,13 +50,14 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
     return set(vars(probe.parse_known_args(argv)[0]))
 
 
-def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | float]:
+def _number(kind: type, minimum: float, what: str,
+            maximum: float = math.inf) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < minimum or value != value:  # value != value catches NaN
+        if not minimum <= value <= maximum:  # also refuses NaN
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
@@ -64,7 +66,8 @@ def _number(kind: type, minimum: float, what: str) -> Callable[[str], int | floa
 
 positive_int = _number(int, 1, "a whole number >= 1")
 non_negative_int = _number(int, 0, "a whole number >= 0")
-positive_float = _number(float, sys.float_info.min, "a number > 0")
+seed_int = _number(int, 0, "a whole number from 0 to 2**32 - 1", maximum=2**32 - 1)
+positive_float = _number(float, sys.float_info.min, "a finite number > 0", maximum=sys.float_info.max)
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
@@ -79,6 +82,12 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _flush_every_line() -> None:

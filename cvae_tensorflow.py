@@ -39,12 +39,13 @@ cli.setup_script_without_main()  # bad input: one line, not a traceback
 
 # train.py's flags, with the tutorial's recipe as their defaults. parse_known_args,
 # because a notebook kernel passes arguments of its own. A notebook is re-run from the top,
-# so each run replaces the last one in its own folder.
+# so each run replaces the last one in its own folder (another --out-dir is never replaced
+# without --overwrite).
+NOTEBOOK_DIR = "output/notebook"
 parser = train.build_parser()
-parser.set_defaults(out_dir="output/notebook", overwrite=True)
+parser.set_defaults(out_dir=NOTEBOOK_DIR)
 args, _ = parser.parse_known_args()
-if args.resume:
-    args.overwrite = False
+args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
 
 # %% [markdown]
 # ## Load the MNIST dataset
@@ -74,6 +75,7 @@ show(out_dir / "dataset_preview.png")
 # eps ~ N(0, I). The randomness sits in eps, and z stays differentiable in mu and sigma.
 
 # %%
+tf.config.experimental.enable_op_determinism()  # same seed, same run (see train.py)
 tf.keras.utils.set_random_seed(config["seed"])
 model = network.CVAE(config["latent_dim"])
 model.encoder.summary()

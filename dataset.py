@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def _download(name: str) -> dict[str, np.ndarray]:
     try:
         (x_train, y_train), (x_test, y_test) = KERAS_DATASETS[name].load_data()
     except Exception as error:  # noqa: BLE001 - any network or cache failure ends the same way
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = cli.first_line(error)
         raise UserError(
             f"could not download {TITLES[name]} ({reason}); pass a local copy with --data PATH "
             f"or {DATA_ENV_VAR}=PATH (a Keras .npz or a folder of IDX files)"
@@ -116,9 +117,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                     f"{', '.join(IDX_FILES)})"
                 )
             return {key: archive[key] for key in IDX_FILES}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         # np.load says "pickled data" for any file that is neither .npy nor .npz.
-        reason = "not an .npz or zip file" if "pickle" in str(error) else _first_line(error)
+        reason = "not an .npz or zip file" if "pickle" in str(error) else cli.first_line(error)
         raise UserError(f"{path}: cannot read it as .npz ({reason})") from None
 
 
@@ -139,8 +140,8 @@ def read_idx(file: Path, ndim: int) -> np.ndarray:
     try:
         with (gzip.open if file.suffix == ".gz" else open)(file, "rb") as stream:
             data = stream.read()
-    except (OSError, EOFError) as error:
-        raise UserError(f"{file}: cannot read it ({_first_line(error)})") from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{file}: cannot read it ({cli.first_line(error)})") from None
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
         raise UserError(f"{file}: truncated: {len(data)} bytes, shorter than an IDX header")
@@ -172,11 +173,6 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
         raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..9")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected 0..9")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------

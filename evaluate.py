@@ -214,34 +214,30 @@ def save_training_curves(metrics: list[dict], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
-    config_path = out_dir / "config.json"
-    if not config_path.is_file():
-        raise cli.UserError(f"{out_dir} holds no run (no config.json); train one with "
-                            f"python train.py --out-dir {out_dir}")
-    try:
-        config = {**train.SETTING_DEFAULTS, **json.loads(config_path.read_text())}
-    except ValueError:
-        raise cli.UserError(f"{config_path} is damaged") from None
+    if not out_dir.is_dir():
+        raise cli.UserError(f"--out-dir {out_dir}: no such folder")
+    config = train.load_config(out_dir)
+    cli.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
     checkpoint_path = train.latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
 
     source = args.data or config["data"]
-    (train_images, _), (test_images, test_labels) = dataset.load_mnist(
-        source, config["train_size"], config["test_size"], config["dataset"])
-    if dataset.fingerprint(train_images, test_images) != config["data_sha256"]:
-        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
-                            f"run in {out_dir} was trained on; pass that with --data")
+    _, (test_images, test_labels), _ = train.load_run_data(config, source, out_dir, check=True)
     if args.test_size is not None:
         if args.test_size > len(test_images):
             raise cli.UserError(f"--test-size {args.test_size} is larger than the run's "
                                 f"{len(test_images)} test images")
         test_images, test_labels = test_images[:args.test_size], test_labels[:args.test_size]
+    if len(np.unique(test_labels)) < 2:
+        raise cli.UserError("the interpolation needs test digits of two classes; use a larger "
+                            "--test-size")
     test_images = dataset.binarize(test_images)
 
     model = network.CVAE(config["latent_dim"])
     epoch = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(model=model, epoch=epoch).restore(checkpoint_path).expect_partial()
+    tf.train.Checkpoint(model=model, epoch=epoch).restore(checkpoint_path).expect_partial(
+    ).assert_existing_objects_matched()
     print(f"Evaluating {checkpoint_path} (epoch {int(epoch)}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")
 

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
-    parser.add_argument("--seed", type=int, default=SEED,
+    parser.add_argument("--seed", type=cli.seed_int, default=SEED,
                         help="seed for weights, shuffling and noise: the same seed repeats a "
                              "run on the same machine")
     parser.add_argument("--out-dir", default=OUT_DIR,
@@ -198,20 +198,61 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.csv back as rows of numbers (None where epoch 0 has no training figures)."""
     if not path.exists():
         return []
-    with open(path, newline="") as file:
-        return [{key: (int(value) if key == "epoch" else float(value)) if value else None
-                 for key, value in row.items()} for row in csv.DictReader(file)]
+    try:
+        with open(path, newline="") as file:
+            return [{key: (int(value) if key == "epoch" else float(value)) if value else None
+                     for key, value in row.items()} for row in csv.DictReader(file)]
+    except (ValueError, TypeError, csv.Error) as error:
+        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
 
 
 # ----------------------------------------------------------------------------
 # The run folder: a new run, a resumed one, or a refusal before anything is written
 
+# What a run (train.py, then evaluate.py) writes in its folder: --overwrite removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "image_at_epoch_*.png",
-               "cvae.gif", "latent_manifold.png")
+               "cvae.gif", "latent_manifold.png", "evaluation.json", "reconstructions.png",
+               "prior_samples.png", "latent_space.png", "interpolation.png", "training_curves.png",
+               ".*.tmp.*")
+CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
+                "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
+                "kl": str, "dataset": str, "data": (str, type(None)), "data_sha256": str}
 
 
 def holds_run(out_dir: Path) -> bool:
     return any(any(out_dir.glob(pattern)) for pattern in RUN_OUTPUTS)
+
+
+def load_config(out_dir: Path) -> dict:
+    """The run's config.json, checked: every setting present, of the right type."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        raise cli.UserError(f"no run in {out_dir} (no config.json); start one with "
+                            f"python train.py --out-dir {out_dir}")
+    try:
+        config = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
+    except (ValueError, TypeError, OSError) as error:
+        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
+    for key, kinds in CONFIG_TYPES.items():
+        if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
+            raise cli.UserError(f"{path} is damaged: {key} is missing or of the wrong type")
+    if config["kl"] not in network.KL_ESTIMATORS or config["dataset"] not in dataset.KERAS_DATASETS:
+        raise cli.UserError(f"{path} is damaged: unknown kl {config['kl']!r} or dataset "
+                            f"{config['dataset']!r}")
+    return config
+
+
+def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool
+                  ) -> tuple[dataset.Split, dataset.Split, str]:
+    """The run's data as its config says, with its fingerprint; with `check`, refuse data
+    whose fingerprint is not the one the run was trained on."""
+    (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
+        source, config["train_size"], config["test_size"], config["dataset"])
+    data_sha256 = dataset.fingerprint(train_images, train_labels, test_images, test_labels)
+    if check and data_sha256 != config["data_sha256"]:
+        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
+                            f"run in {out_dir} was trained on; pass that with --data")
+    return (train_images, train_labels), (test_images, test_labels), data_sha256
 
 
 @dataclasses.dataclass
@@ -236,17 +277,9 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
         raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
                             "choose one")
     out_dir = cli.ensure_out_dir(args.out_dir)
-    config_path = out_dir / "config.json"
     flags = {key: getattr(args, key) for key in ("epochs", *RUN_SETTINGS)}
     if args.resume:
-        if not config_path.exists():
-            raise cli.UserError(f"--resume: no run in {out_dir} (no config.json); start one "
-                                f"without --resume")
-        try:
-            config = {**SETTING_DEFAULTS, **json.loads(config_path.read_text())}
-            config["data"]  # noqa: B018 - a config without it is not ours
-        except (ValueError, KeyError, TypeError):
-            raise cli.UserError(f"--resume: {config_path} is damaged") from None
+        config = load_config(out_dir)
         for key in sorted(given & set(RUN_SETTINGS)):
             if flags[key] != config[key]:
                 flag = "--" + key.replace("_", "-")
@@ -261,25 +294,26 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
             raise cli.UserError(f"{out_dir} already holds a run; continue it with --resume, or "
                                 f"replace it with --overwrite")
         source = dataset.data_source(args.data)
-        config = {**flags, "data": str(Path(source).resolve()) if source else None}
+        config = dict(flags)
+    config["data"] = str(Path(source).resolve()) if source else None  # where it is now
 
-    (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
-        source, config["train_size"], config["test_size"], config["dataset"])
+    (train_images, train_labels), (test_images, test_labels), config["data_sha256"] = load_run_data(
+        config, source, out_dir, check=args.resume)
     if len(test_images) < NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {NUM_EXAMPLES_TO_GENERATE} test images, got "
                             f"{len(test_images)}")
-    data_sha256 = dataset.fingerprint(train_images, test_images)
-    if args.resume and data_sha256 != config.get("data_sha256"):
-        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
-                            f"run in {out_dir} was trained on; pass that with --data")
-    config["data_sha256"] = data_sha256
     resume_from = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else None
+    if resume_from:
+        done = int(tf.train.load_checkpoint(resume_from).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+        if config["epochs"] < done:
+            raise cli.UserError(f"--epochs {config['epochs']}: the run in {out_dir} has done {done} "
+                                f"epochs already")
 
     if args.overwrite:
         for pattern in RUN_OUTPUTS:
             for path in out_dir.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    with cli.atomic_path(config_path) as tmp:
+    with cli.atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return Run(config, out_dir, dataset.binarize(train_images), dataset.binarize(test_images),
                train_labels, test_labels, resume_from)
@@ -301,7 +335,7 @@ def latest_intact_checkpoint(directory: Path) -> str | None:
             for name in reader.get_variable_to_shape_map():
                 reader.get_tensor(name)
         except (tf.errors.OpError, ValueError) as error:
-            damaged.append(f"{index.stem} ({str(error).strip().splitlines()[0][:100]})")
+            damaged.append(f"{index.stem} ({cli.first_line(error)[:100]})")
             continue
         for note in damaged:
             print(f"Checkpoint {note} is damaged; using {index.stem}, the one before it")
@@ -362,9 +396,13 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                                          max_to_keep=KEEP_CHECKPOINTS)
     tensorboard = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
 
-    def end_epoch(epoch: int, row: dict) -> None:
-        # Pictures and metrics first, the checkpoint last: a checkpoint marks a complete epoch.
+    def end_epoch(epoch: int, row: dict, loss_points: Sequence[tuple[int, float]] = ()) -> None:
+        # Pictures, logs and metrics first, the checkpoint last: a checkpoint marks a complete
+        # epoch. The loss points wait until here so that a stopped epoch logs none twice.
         save_sample_grid(model, checkpoint.sample_images, checkpoint.sample_eps, grid_path(out_dir, epoch))
+        for step, loss in loss_points:
+            with tensorboard.as_default(step=step):
+                tf.summary.scalar("train/loss", loss)
         with tensorboard.as_default(step=epoch):
             tf.summary.scalar("test/elbo", row["test_elbo"])
             if row.get("seconds"):
@@ -381,8 +419,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         checkpoint.restore(resume_from).assert_existing_objects_matched()
         done = int(checkpoint.epoch)
         metrics = [row for row in read_metrics(out_dir / "metrics.csv") if row["epoch"] <= done]
-        print(f"Resuming {out_dir} after epoch {done} (test ELBO {metrics[-1]['test_elbo']:.2f})"
-              if done < epochs else f"The run in {out_dir} has finished its {done} epochs")
+        print(f"Resuming {out_dir} after epoch {done}" if done < epochs
+              else f"The run in {out_dir} has finished its {done} epochs")
     else:
         metrics, done = [], 0
         elbo = evaluate(model, test_batches, rng, kl)
@@ -398,7 +436,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             progbar = tf.keras.utils.Progbar(steps, stateful_metrics=["loss"],
                                              verbose=1 if sys.stdout.isatty() else 2)
             order = dataset.epoch_order(num_train, seed, epoch)
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, loss_points = 0.0, 0, []
             start_time = time.perf_counter()
             for step, x in enumerate(dataset.make_batches(train_tensor, batch_size, order), 1):
                 loss = float(train_step(model, optimizer, rng, x, kl))
@@ -409,8 +447,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                 loss_sum += loss * len(x)
                 seen += len(x)
                 if step % LOG_EVERY_STEPS == 0 or step == steps:
-                    with tensorboard.as_default(step=optimizer.iterations):
-                        tf.summary.scalar("train/loss", loss)
+                    loss_points.append((int(optimizer.iterations), loss))
                 progbar.update(step, [("loss", loss_sum / seen)])  # the epoch's running mean
                 if stop.signal:
                     break
@@ -425,7 +462,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                   f"time for the epoch {seconds:.1f} s ({seen / seconds:,.0f} images/s)")
             end_epoch(epoch, {"epoch": epoch, "train_loss": round(loss_sum / seen, 4),
                               "test_elbo": round(elbo, 4), "seconds": round(seconds, 3),
-                              "images_per_second": round(seen / seconds, 1)})
+                              "images_per_second": round(seen / seconds, 1)}, loss_points)
             if stop.signal and epoch < epochs:
                 raise stopped(stop.signal, f"after epoch {epoch}", epoch, out_dir)
     return metrics
@@ -445,7 +482,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
           f"writing to {out_dir}/")
 
-    tf.keras.utils.set_random_seed(config["seed"])  # the initial weights
+    # The same seed must give the same run: the initial weights come from it, and
+    # deterministic kernels keep a resumed run bit-identical (on the CPU they already are;
+    # on a GPU this picks the deterministic convolution algorithms).
+    tf.config.experimental.enable_op_determinism()
+    tf.keras.utils.set_random_seed(config["seed"])
     model = network.CVAE(config["latent_dim"])
     optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
     fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],

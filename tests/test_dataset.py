@@ -149,6 +149,8 @@ MALFORMED = {
                              "wrong magic number 0x00000803"),
     "idx gz truncated": (idx_with("x_test", gz=True, data=lambda b: b[: len(b) // 2]),
                          "cannot read it"),
+    "idx gz bad deflate": (idx_with("x_train", gz=True, data=lambda b: (
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07" + b"\x00" * 32)), "cannot read it"),
     "idx gz not gzip": (idx_with("y_test", gz=True, data=lambda b: gzip.decompress(b)),
                         "cannot read it"),
     "idx short split": (idx_with("y_train", data=lambda b: idx_bytes(np.zeros(5, np.uint8))),

@@ -133,4 +133,4 @@ def test_evaluate_refuses_a_folder_without_a_run(tmp_path):
     result = run_script("evaluate.py", "--out-dir", tmp_path)
     assert result.returncode == 2
     lines = own_stderr(result.stderr)
-    assert len(lines) == 1 and "holds no run" in lines[0]
+    assert len(lines) == 1 and "no run in" in lines[0]

@@ -211,6 +211,11 @@ BAD_INPUT = {
                                     "--latent-dim 4 contradicts the run"),
     "resume with other data": (lambda tmp, run: ["--resume", "--data", str(bad_npz(
         tmp, x_train=make_mnist_arrays(**TINY, seed=5)["x_train"]))], "is not the data the run"),
+    "resume with fewer epochs than done": (["--resume", "--epochs", "2"], "has done 3 epochs"),
+    "resume with a damaged config": (lambda tmp, run: (run / "config.json").write_text(
+        '{"epochs": 3}') and ["--resume"], "config.json is damaged"),
+    "seed out of range": (["--overwrite", "--seed", "-1"], "argument --seed"),
+    "learning rate not finite": (["--overwrite", "--learning-rate", "inf"], "argument --learning-rate"),
     "resume with every checkpoint damaged": (lambda tmp, run: damage_every_checkpoint(run) or [
         "--resume", "--epochs", "5"], "no intact checkpoint"),
 }
