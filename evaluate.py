@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.UserError(f"--out-dir {out_dir}: no such folder")
     config = train.load_config(out_dir)
     cli.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
-    checkpoint_path = train.latest_intact_checkpoint(out_dir / "checkpoints")
+    checkpoint_path, epoch = train.latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
 
@@ -235,15 +235,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     test_images = dataset.binarize(test_images)
 
     model = network.CVAE(config["latent_dim"])
-    epoch = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(model=model, epoch=epoch).restore(checkpoint_path).expect_partial(
+    tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
     ).assert_existing_objects_matched()
-    print(f"Evaluating {checkpoint_path} (epoch {int(epoch)}) on {len(test_images):,} test images, "
+    print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")
 
     figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=config["kl"],
                            seed=args.seed)
-    report = {"checkpoint": checkpoint_path, "epoch": int(epoch), "data": source,
+    report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
               "kl_estimator": config["kl"], "seed": args.seed, **figures}
     with cli.atomic_path(out_dir / "evaluation.json") as tmp:

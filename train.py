@@ -302,12 +302,10 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
     if len(test_images) < NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {NUM_EXAMPLES_TO_GENERATE} test images, got "
                             f"{len(test_images)}")
-    resume_from = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else None
-    if resume_from:
-        done = int(tf.train.load_checkpoint(resume_from).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-        if config["epochs"] < done:
-            raise cli.UserError(f"--epochs {config['epochs']}: the run in {out_dir} has done {done} "
-                                f"epochs already")
+    resume_from, done = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else (None, 0)
+    if resume_from and config["epochs"] < done:
+        raise cli.UserError(f"--epochs {config['epochs']}: the run in {out_dir} has done {done} "
+                            f"epochs already")
 
     if args.overwrite:
         for pattern in RUN_OUTPUTS:
@@ -323,26 +321,25 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
 # Checkpoints and stopping
 
 
-def latest_intact_checkpoint(directory: Path) -> str | None:
+def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     """The newest checkpoint whose every tensor reads back (checksums included), skipping
-    damaged ones with a note; None if there is none yet."""
+    damaged ones with a note, and its epoch; (None, 0) if there is none yet."""
     paths = sorted(directory.glob("ckpt-*.index"), key=lambda path: int(path.stem.split("-")[1]))
     damaged = []
     for index in reversed(paths):
         prefix = str(index.with_suffix(""))
         try:
             reader = tf.train.load_checkpoint(prefix)
-            for name in reader.get_variable_to_shape_map():
-                reader.get_tensor(name)
+            tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
         except (tf.errors.OpError, ValueError) as error:
             damaged.append(f"{index.stem} ({cli.first_line(error)[:100]})")
             continue
         for note in damaged:
             print(f"Checkpoint {note} is damaged; using {index.stem}, the one before it")
-        return prefix
+        return prefix, int(tensors["epoch/.ATTRIBUTES/VARIABLE_VALUE"])
     if damaged:
         raise cli.UserError(f"--resume: no intact checkpoint in {directory}: {'; '.join(damaged)}")
-    return None
+    return None, 0
 
 
 class GracefulStop:

@@ -12,13 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-IDX_NAMES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
+IDX_NAMES = dataset.IDX_FILES  # Keras array name -> IDX file name
 
 
 def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) -> dict:
