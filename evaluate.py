@@ -112,18 +112,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
 
 
 def save_figure(figure: Figure, path: Path) -> None:
-    with cli.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", bbox_inches="tight")
-
-
-def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
-    rows = -(-len(images) // columns)
-    for i, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
-        axes.axis("off")
-        if i < len(images):
-            axes.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=1)
-            if i < len(titles):
-                axes.set_title(titles[i], fontsize=8)
+    train.save_figure(figure, path, bbox_inches="tight")
 
 
 def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, count: int = 32,
@@ -136,7 +125,7 @@ def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, co
     for start in range(0, len(originals), columns):
         rows += [originals[start:start + columns], reconstructions[start:start + columns]]
     figure = Figure(figsize=(columns, len(rows) * 1.05))
-    image_grid(figure, np.concatenate(rows), columns)
+    train.image_grid(figure, np.concatenate(rows), columns)
     figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
     save_figure(figure, path)
 
@@ -144,7 +133,7 @@ def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, co
 def save_prior_samples(model: network.CVAE, path: Path, seed: int, count: int = 64) -> None:
     z = tf.random.stateless_normal((count, model.latent_dim), seed=(seed, 1))
     figure = Figure(figsize=(8, 8.4))
-    image_grid(figure, model.sample(z).numpy(), 8)
+    train.image_grid(figure, model.sample(z).numpy(), 8)
     figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
     save_figure(figure, path)
 
@@ -189,7 +178,7 @@ def save_interpolation(model: network.CVAE, images: np.ndarray, labels: np.ndarr
     row = np.concatenate([images[[first]], decoded, images[[other]]])
     titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights[:, 0]] + [f"test {labels[other]}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
-    image_grid(figure, row, len(row), titles)
+    train.image_grid(figure, row, len(row), titles)
     figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
     save_figure(figure, path)
 

@@ -141,16 +141,28 @@ def evaluate(model: network.CVAE, batches: tf.data.Dataset, rng: tf.random.Gener
 # Pictures
 
 
+def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
+    """Draw grey images of pixel probabilities in a grid of `columns`, titled if `titles`."""
+    rows = -(-len(images) // columns)
+    for i, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if i < len(images):
+            axes.imshow(np.asarray(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
+            if i < len(titles):
+                axes.set_title(titles[i], fontsize=8)
+
+
+def save_figure(figure: Figure, path: Path, **savefig_options) -> None:
+    with cli.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", **savefig_options)
+
+
 def save_sample_grid(model: network.CVAE, images: tf.Tensor, eps: tf.Tensor, path: Path) -> None:
     """Encode, reparameterize and decode `images`; save the probabilities as a 4x4 grid."""
     mean, logvar = model.encode(images)
-    predictions = model.sample(model.reparameterize(mean, logvar, eps))
     figure = Figure(figsize=(4, 4))
-    for i, axes in enumerate(figure.subplots(4, 4).flat):
-        axes.imshow(predictions[i, :, :, 0], cmap="gray", vmin=0, vmax=1)
-        axes.axis("off")
-    with cli.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+    image_grid(figure, model.sample(model.reparameterize(mean, logvar, eps)).numpy(), 4)
+    save_figure(figure, path)
 
 
 def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5) -> None:
