@@ -47,6 +47,7 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
     probe = copy.deepcopy(parser)
     for action in probe._actions:  # argparse has no public way to tell the two apart
         action.default = argparse.SUPPRESS
+    probe._defaults.clear()  # set_defaults() values are not typed flags either
     return set(vars(probe.parse_known_args(argv)[0]))
 
 
