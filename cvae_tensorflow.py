@@ -77,7 +77,7 @@ show(out_dir / "dataset_preview.png")
 # %%
 tf.config.experimental.enable_op_determinism()  # same seed, same run (see train.py)
 tf.keras.utils.set_random_seed(config["seed"])
-model = network.CVAE(config["latent_dim"])
+model = network.CVAE(config["latent_dim"], config["precision"])
 model.encoder.summary()
 model.decoder.summary()
 

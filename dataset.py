@@ -195,16 +195,15 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
-def make_batches(
-    images: tf.Tensor | np.ndarray, batch_size: int, order: np.ndarray | None = None
-) -> tf.data.Dataset:
-    """Batches of `images`, in `order` if given, else as stored; the last may be smaller.
+def epoch_images(images: tf.Tensor, seed: int, epoch: int) -> tf.Tensor:
+    """`images` in the order of `epoch`: one permuted copy, whose consecutive slices are
+    that epoch's batches. Pass a tensor made once (tf.constant): the copy is then one
+    fast gather, with no conversion of the whole set from numpy."""
+    return tf.gather(images, epoch_order(len(images), seed, epoch))
 
-    Pass a tensor made once (tf.constant) when calling this every epoch: the permuted
-    copy is then one fast gather, with no conversion of the whole set from numpy.
-    """
-    if order is not None:
-        images = tf.gather(images, order)  # one permuted copy; the batches are then slices
+
+def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Batches of `images` as stored; the last may be smaller."""
     # The images are in memory already, so slicing a batch costs microseconds and tf.data's
     # autotuner has nothing to tune; left on, it made each epoch's iterator take up to 18 s
     # to shut down, as its optimization thread backs off for longer the longer it runs.

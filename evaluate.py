@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "--test-size")
     test_images = dataset.binarize(test_images)
 
-    model = network.CVAE(config["latent_dim"])
+    model = network.CVAE(config["latent_dim"], config["precision"])
     tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
     ).assert_existing_objects_matched()
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "

@@ -19,34 +19,41 @@ import cli
 LATENT_DIM = 2
 IMAGE_SHAPE = (28, 28, 1)
 LOG_2PI = float(np.log(2.0 * np.pi))
+# --precision: the Keras dtype policy of the hidden layers. With bf16 they compute in
+# bfloat16 (the variables stay float32); the encoder's output layer and the decoder's
+# logits layer stay float32, so the ELBO and the sampling of z are computed in float32.
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 
 
 class CVAE(tf.keras.Model):
     """Convolutional variational autoencoder."""
 
-    def __init__(self, latent_dim: int = LATENT_DIM) -> None:
+    def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32") -> None:
         super().__init__()
         self.latent_dim = latent_dim
+        hidden = PRECISIONS[precision]
         self.encoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),
-                tf.keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
-                tf.keras.layers.Conv2D(64, 3, strides=2, activation="relu"),
-                tf.keras.layers.Flatten(),
+                tf.keras.layers.Conv2D(32, 3, strides=2, activation="relu", dtype=hidden),
+                tf.keras.layers.Conv2D(64, 3, strides=2, activation="relu", dtype=hidden),
+                tf.keras.layers.Flatten(dtype=hidden),
                 # No activation: a mean and a log-variance for each latent dimension.
-                tf.keras.layers.Dense(latent_dim + latent_dim),
+                tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
             ],
             name="encoder",
         )
         self.decoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=(latent_dim,)),
-                tf.keras.layers.Dense(7 * 7 * 32, activation="relu"),
-                tf.keras.layers.Reshape((7, 7, 32)),
-                tf.keras.layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu"),
-                tf.keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu"),
+                tf.keras.layers.Dense(7 * 7 * 32, activation="relu", dtype=hidden),
+                tf.keras.layers.Reshape((7, 7, 32), dtype=hidden),
+                tf.keras.layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu",
+                                                dtype=hidden),
+                tf.keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu",
+                                                dtype=hidden),
                 # No activation: logits, so the loss can use the stable sigmoid cross-entropy.
-                tf.keras.layers.Conv2DTranspose(1, 3, strides=1, padding="same"),
+                tf.keras.layers.Conv2DTranspose(1, 3, strides=1, padding="same", dtype="float32"),
             ],
             name="decoder",
         )

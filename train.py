@@ -33,8 +33,9 @@ import math
 import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -60,12 +61,16 @@ MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 EVAL_BATCH_SIZE = 1000
 KEEP_CHECKPOINTS = 3
 LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
+# Training steps per tf.function call: fewer Python round trips, a progress update and a
+# chance to stop (Ctrl-C) after each call.
+STEPS_PER_CALL = 50
 # Settings fixed for a run's life: --resume refuses a flag that contradicts them.
 # (--epochs may change: resuming with more epochs trains a finished run further.)
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
-                "kl", "dataset")
+                "kl", "dataset", "precision")
 # What runs from before a setting existed used, for --resume and evaluate.py.
-SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist"}
+SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32"}
+STRATEGIES = ("default", "mirrored", "multiworker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
+    parser.add_argument("--precision", choices=tuple(network.PRECISIONS), default="fp32",
+                        help="bf16: Keras mixed_bfloat16 for the hidden layers (faster where the "
+                             "hardware has bfloat16 maths), with the loss and sampling in float32")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="default",
+                        help="default: one device (the GPU if there is one); mirrored: "
+                             "tf.distribute.MirroredStrategy over --devices; multiworker: "
+                             "MultiWorkerMirroredStrategy over the machines in $TF_CONFIG")
+    parser.add_argument("--devices", default=None,
+                        help="for --strategy mirrored, a comma-separated device list such as "
+                             "GPU:0,GPU:1 (default: every local GPU, else the CPU)")
     parser.add_argument("--seed", type=cli.seed_int, default=SEED,
                         help="seed for weights, shuffling and noise: the same seed repeats a "
                              "run on the same machine")
@@ -109,16 +124,66 @@ def build_parser() -> argparse.ArgumentParser:
 # One step, and the test-set ELBO
 
 
-@tf.function
-def train_step(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
-               rng: tf.random.Generator, x: tf.Tensor, kl: str = "mc") -> tf.Tensor:
-    """One gradient step on the negative single-sample ELBO; returns the batch loss."""
-    eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
-    with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps, kl)
-    gradients = tape.gradient(loss, model.trainable_variables)
-    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    return loss
+def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
+                        rng: tf.random.Generator, *, batch_size: int, kl: str = "mc",
+                        strategy: tf.distribute.Strategy | None = None):
+    """A compiled `train_steps(batches, first, count)` that takes `count` gradient steps on
+    `batches[first]`, `batches[first + 1]`, .. and returns each step's loss (the negative
+    single-sample ELBO, averaged over the batch). `batches` is (num_batches, batch_size,
+    28, 28, 1): `epoch_losses` cuts an epoch's images into it.
+
+    Several steps per call save the Python round trip of each step. Under a multi-device
+    `strategy` each replica takes its share of every batch; the global batch stays
+    `batch_size`, and the noise is drawn for the global batch, as on one device.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+
+    def replica_step(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+        context = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            if context.num_replicas_in_sync == 1:
+                loss = network.compute_loss(model, x, eps, kl)
+            else:
+                # This replica's share of the batch. Its loss is summed and divided by the
+                # global batch size: the optimizer sums the replicas' gradients, which makes
+                # them those of the global batch's mean loss.
+                replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
+                size = tf.shape(x)[0]
+                start, stop = size * replica // replicas, size * (replica + 1) // replicas
+                per_example = -network.elbo_per_example(model, x[start:stop], eps[start:stop], kl)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=size)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_steps(batches: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        losses = tf.TensorArray(tf.float32, size=count)
+        for i in tf.range(count):
+            x = batches[first + i]  # its shape is known when traced, as in a one-step function
+            eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
+            loss = strategy.run(replica_step, args=(x, eps))
+            losses = losses.write(i, strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
+        return losses.stack()
+
+    return train_steps
+
+
+def epoch_losses(train_steps, images: tf.Tensor, batch_size: int,
+                 steps_per_call: int = STEPS_PER_CALL) -> Iterator[tuple[int, np.ndarray]]:
+    """One step on each batch of `images`, in order, with `train_steps` (from
+    `make_train_function`), `steps_per_call` steps a call; after each call, yield the
+    index of its first step and its losses. The last batch may be smaller."""
+    # Batches of static shape: the kernels, and so the results, are then those of a
+    # function traced for one batch (a dynamic batch size rounds differently).
+    full = len(images) // batch_size
+    batches = tf.reshape(images[:full * batch_size], (full, batch_size, *images.shape[1:]))
+    for first in range(0, full, steps_per_call):
+        count = min(steps_per_call, full - first)
+        yield first, train_steps(batches, tf.constant(first), tf.constant(count)).numpy()
+    if full * batch_size < len(images):  # the smaller last batch: one call of its own shape
+        yield full, train_steps(images[tf.newaxis, full * batch_size:], tf.constant(0),
+                                tf.constant(1)).numpy()
 
 
 @tf.function
@@ -228,7 +293,8 @@ RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "imag
                ".*.tmp.*")
 CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
-                "kl": str, "dataset": str, "data": (str, type(None)), "data_sha256": str}
+                "kl": str, "dataset": str, "precision": str, "data": (str, type(None)),
+                "data_sha256": str}
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -248,9 +314,10 @@ def load_config(out_dir: Path) -> dict:
     for key, kinds in CONFIG_TYPES.items():
         if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
             raise cli.UserError(f"{path} is damaged: {key} is missing or of the wrong type")
-    if config["kl"] not in network.KL_ESTIMATORS or config["dataset"] not in dataset.KERAS_DATASETS:
-        raise cli.UserError(f"{path} is damaged: unknown kl {config['kl']!r} or dataset "
-                            f"{config['dataset']!r}")
+    for key, known in (("kl", network.KL_ESTIMATORS), ("dataset", dataset.KERAS_DATASETS),
+                       ("precision", network.PRECISIONS)):
+        if config[key] not in known:
+            raise cli.UserError(f"{path} is damaged: unknown {key} {config[key]!r}")
     return config
 
 
@@ -354,6 +421,17 @@ def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     return None, 0
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's outputs: always, but in a multi-worker run,
+    where only the chief (or worker 0, if no task is named chief) does."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
 class GracefulStop:
     """Turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop honours at the next
     step boundary, so that what is complete stays complete. A second signal stops at once."""
@@ -381,15 +459,22 @@ class GracefulStop:
 
 def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc") -> list[dict]:
+        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc",
+        strategy: tf.distribute.Strategy | None = None) -> list[dict]:
     """Train to `epochs`, saving the sample grid, metrics and a checkpoint every epoch;
     return the metrics. With `resume_from`, a checkpoint, continue after its epoch.
 
-    `train_images` and `test_images` are binarized float32 (N, 28, 28, 1).
+    `train_images` and `test_images` are binarized float32 (N, 28, 28, 1). With a
+    `strategy`, the model must have been made in its scope; only its chief writes.
     """
-    if not optimizer.built:  # its variables must exist before train_step is traced
-        optimizer.build(model.trainable_variables)
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = is_chief(strategy)
+    if not optimizer.built:  # its variables must exist before train_steps is traced
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
     rng = tf.random.Generator.from_seed(seed)  # all noise: training, evaluation, the grid
+    train_steps = make_train_function(model, optimizer, rng, batch_size=batch_size, kl=kl,
+                                      strategy=strategy)
     test_batches = dataset.make_batches(test_images, EVAL_BATCH_SIZE)
     train_tensor = tf.constant(train_images)  # converted once, permuted every epoch
     # The same 16 test digits and the same noise every epoch, so the frames differ only
@@ -401,26 +486,31 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         sample_images=tf.Variable(test_images[picks], trainable=False),
         sample_eps=tf.Variable(rng.normal((NUM_EXAMPLES_TO_GENERATE, model.latent_dim)),
                                trainable=False))
-    manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "checkpoints"),
-                                         max_to_keep=KEEP_CHECKPOINTS)
-    tensorboard = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
+    # Every worker of a multi-worker run must save its checkpoint; all but the chief's are
+    # thrown away, and only the chief writes anything else.
+    checkpoint_dir = out_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="cvae-worker-"))
+    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=KEEP_CHECKPOINTS)
+    tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
+                   else tf.summary.create_noop_writer())
 
     def end_epoch(epoch: int, row: dict, loss_points: Sequence[tuple[int, float]] = ()) -> None:
         # Pictures, logs and metrics first, the checkpoint last: a checkpoint marks a complete
         # epoch. The loss points wait until here so that a stopped epoch logs none twice.
-        save_sample_grid(model, checkpoint.sample_images, checkpoint.sample_eps, grid_path(out_dir, epoch))
-        for step, loss in loss_points:
-            with tensorboard.as_default(step=step):
-                tf.summary.scalar("train/loss", loss)
-        with tensorboard.as_default(step=epoch):
-            tf.summary.scalar("test/elbo", row["test_elbo"])
-            if row.get("seconds"):
-                tf.summary.scalar("epoch/seconds", row["seconds"])
-                tf.summary.scalar("epoch/images_per_second", row["images_per_second"])
-            tf.summary.image("samples", iio.imread(grid_path(out_dir, epoch))[np.newaxis])
-        tensorboard.flush()
         metrics.append(row)
-        save_metrics(metrics, out_dir / "metrics.csv")
+        if chief:
+            save_sample_grid(model, checkpoint.sample_images, checkpoint.sample_eps,
+                             grid_path(out_dir, epoch))
+            for step, loss in loss_points:
+                with tensorboard.as_default(step=step):
+                    tf.summary.scalar("train/loss", loss)
+            with tensorboard.as_default(step=epoch):
+                tf.summary.scalar("test/elbo", row["test_elbo"])
+                if row.get("seconds"):
+                    tf.summary.scalar("epoch/seconds", row["seconds"])
+                    tf.summary.scalar("epoch/images_per_second", row["images_per_second"])
+                tf.summary.image("samples", iio.imread(grid_path(out_dir, epoch))[np.newaxis])
+            tensorboard.flush()
+            save_metrics(metrics, out_dir / "metrics.csv")
         checkpoint.epoch.assign(epoch)
         manager.save(checkpoint_number=epoch)
 
@@ -444,26 +534,28 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             # A bar redrawn in place on a terminal; one line an epoch in a log file.
             progbar = tf.keras.utils.Progbar(steps, stateful_metrics=["loss"],
                                              verbose=1 if sys.stdout.isatty() else 2)
-            order = dataset.epoch_order(num_train, seed, epoch)
-            loss_sum, seen, loss_points = 0.0, 0, []
             start_time = time.perf_counter()
-            for step, x in enumerate(dataset.make_batches(train_tensor, batch_size, order), 1):
-                loss = float(train_step(model, optimizer, rng, x, kl))
-                if not math.isfinite(loss):
-                    raise cli.ScriptError(
-                        f"the loss is {loss} at epoch {epoch}, step {step}: training diverged; "
-                        f"the checkpoint of epoch {epoch - 1} in {out_dir} is intact", exit_code=1)
-                loss_sum += loss * len(x)
-                seen += len(x)
-                if step % LOG_EVERY_STEPS == 0 or step == steps:
-                    loss_points.append((int(optimizer.iterations), loss))
-                progbar.update(step, [("loss", loss_sum / seen)])  # the epoch's running mean
+            images = dataset.epoch_images(train_tensor, seed, epoch)
+            loss_sum, seen, loss_points = 0.0, 0, []
+            steps_before = int(optimizer.iterations.numpy())
+            for first, losses in epoch_losses(train_steps, images, batch_size):
+                for step, loss in enumerate(losses.tolist(), first + 1):
+                    if not math.isfinite(loss):
+                        raise cli.ScriptError(
+                            f"the loss is {loss} at epoch {epoch}, step {step}: training diverged; "
+                            f"the checkpoint of epoch {epoch - 1} in {out_dir} is intact", exit_code=1)
+                    batch = min(batch_size, num_train - (step - 1) * batch_size)
+                    loss_sum += loss * batch
+                    seen += batch
+                    if step % LOG_EVERY_STEPS == 0 or step == steps:
+                        loss_points.append((steps_before + step, loss))
+                progbar.update(first + len(losses), [("loss", loss_sum / seen)])  # the running mean
                 if stop.signal:
                     break
             seconds = time.perf_counter() - start_time
             if stop.signal and seen < num_train:
                 print()
-                raise stopped(stop.signal, f"during epoch {epoch} (step {step} of {steps})",
+                raise stopped(stop.signal, f"during epoch {epoch} (step {seen // batch_size} of {steps})",
                               epoch - 1, out_dir)
 
             elbo = evaluate(model, test_batches, rng, kl)
@@ -474,6 +566,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                               "images_per_second": round(seen / seconds, 1)}, loss_points)
             if stop.signal and epoch < epochs:
                 raise stopped(stop.signal, f"after epoch {epoch}", epoch, out_dir)
+    if not chief:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
 
 
@@ -483,9 +577,39 @@ def stopped(signum: int, when: str, saved_epoch: int, out_dir: Path) -> cli.Scri
         f"Resume with: python train.py --out-dir {out_dir} --resume", exit_code=128 + signum)
 
 
+def _device_key(name: str) -> tuple[str, int | None] | None:
+    try:
+        spec = tf.DeviceSpec.from_string(name)
+    except ValueError:
+        return None
+    return (spec.device_type or "").upper(), spec.device_index
+
+
+def make_strategy(name: str, devices: str | None = None) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for --strategy and --devices."""
+    if devices and name != "mirrored":
+        raise cli.UserError(f"--devices is for --strategy mirrored, not --strategy {name}")
+    if name == "mirrored":
+        here = {_device_key(device.name): device.name for device in tf.config.list_logical_devices()}
+        names = [device.strip() for device in devices.split(",")] if devices else None
+        for device in names or ():
+            if _device_key(device) not in here:
+                raise cli.UserError(f"--devices: no device {device!r} here; there are "
+                                    f"{', '.join(sorted(here.values()))}")
+        return tf.distribute.MirroredStrategy(names)
+    if name == "multiworker":
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster: $TF_CONFIG
+        except ValueError as error:
+            raise cli.UserError(f"--strategy multiworker: $TF_CONFIG is not a usable cluster "
+                                f"description ({cli.first_line(error)})") from None
+    return tf.distribute.get_strategy()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    strategy = make_strategy(args.strategy, args.devices)
     run = prepare_run(args, cli.explicit_flags(parser, argv))
     config, out_dir = run.config, run.out_dir
     print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
@@ -496,11 +620,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # on a GPU this picks the deterministic convolution algorithms).
     tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(config["seed"])
-    model = network.CVAE(config["latent_dim"])
-    optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
+    with strategy.scope():  # the variables live on the strategy's devices
+        model = network.CVAE(config["latent_dim"], config["precision"])
+        optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
     fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
         batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-        resume_from=run.resume_from, kl=config["kl"])
+        resume_from=run.resume_from, kl=config["kl"], strategy=strategy)
+    if not is_chief(strategy):
+        return
 
     frames = [grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
     save_gif(frames, out_dir / "cvae.gif")
@@ -510,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
         print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")
+    if (peak := cli.peak_memory_gib()) is not None:
+        print(f"Peak memory (RSS): {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -178,13 +178,16 @@ def test_epoch_order_is_a_repeatable_permutation():
     assert not np.array_equal(order, dataset.epoch_order(1000, seed=4, epoch=2))
 
 
-def test_make_batches_follows_the_order_and_keeps_the_remainder():
+def test_make_batches_keeps_the_order_and_the_remainder():
     images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
-    order = np.array([9, 3, 1, 0, 2, 8, 7, 6, 5, 4])
-    batches = [b.numpy().ravel().tolist() for b in dataset.make_batches(images, 4, order)]
-    assert batches == [[9, 3, 1, 0], [2, 8, 7, 6], [5, 4]]
     in_order = [b.numpy().ravel().tolist() for b in dataset.make_batches(images, 6)]
     assert in_order == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_epoch_images_are_the_images_in_the_epoch_order():
+    images = tf.constant(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1))
+    shuffled = dataset.epoch_images(images, seed=3, epoch=2).numpy().ravel()
+    np.testing.assert_array_equal(shuffled, dataset.epoch_order(10, seed=3, epoch=2))
 
 
 def test_fashion_mnist_comes_from_its_own_keras_loader(monkeypatch, tiny_arrays):

@@ -76,7 +76,7 @@ def test_loss_matches_a_hand_computation(model):
     np.testing.assert_allclose(network.compute_loss(model, x, eps), -expected_elbo.mean(), rtol=1e-4)
 
 
-def test_train_step_has_finite_gradients_and_lowers_the_loss():
+def test_train_steps_have_finite_gradients_and_lower_the_loss():
     tf.keras.utils.set_random_seed(3)
     model = network.CVAE(2)
     x = tf.constant((np.random.default_rng(3).random((32, 28, 28, 1)) < 0.2).astype(np.float32))
@@ -89,12 +89,33 @@ def test_train_step_has_finite_gradients_and_lowers_the_loss():
     assert all(g is not None and bool(tf.reduce_all(tf.math.is_finite(g))) for g in gradients)
 
     optimizer = tf.keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)  # train_step may be traced already
     rng = tf.random.Generator.from_seed(3)
+    first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
     weights_before = [w.numpy() for w in model.trainable_variables]
-    for _ in range(5):
-        train.train_step(model, optimizer, rng, x)
+    first_loss = network.compute_loss(model, x, first_eps)
+    train_steps = train.make_train_function(model, optimizer, rng, batch_size=32)
+    losses = train_steps(tf.stack([x] * 5), tf.constant(0), tf.constant(5))
+    assert losses.shape == (5,)
+    np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
     assert any(not np.array_equal(a, b.numpy())
                for a, b in zip(weights_before, model.trainable_variables))
     after = network.compute_loss(model, x, eps)
     assert float(after) < float(before)
+
+
+def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
+    tf.keras.utils.set_random_seed(4)
+    model = network.CVAE(2)
+    optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
+    optimizer.build(model.trainable_variables)
+    images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
+    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(4),
+                                            batch_size=32)
+    calls = list(train.epoch_losses(train_steps, images, batch_size=32, steps_per_call=2))
+    assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
+    losses = np.concatenate([losses for _, losses in calls])
+
+    noise = tf.random.Generator.from_seed(4)
+    expected = [network.compute_loss(model, images[start:start + 32], noise.normal((size, 2)))
+                for start, size in ((0, 32), (32, 32), (64, 6))]
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)

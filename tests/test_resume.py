@@ -214,6 +214,13 @@ BAD_INPUT = {
     "resume with fewer epochs than done": (["--resume", "--epochs", "2"], "has done 3 epochs"),
     "resume with a damaged config": (lambda tmp, run: (run / "config.json").write_text(
         '{"epochs": 3}') and ["--resume"], "config.json is damaged"),
+    "resume with another precision": (["--resume", "--precision", "bf16"],
+                                      "--precision bf16 contradicts the run"),
+    "unknown precision": (["--overwrite", "--precision", "fp16"], "argument --precision"),
+    "a device that is not here": (["--overwrite", "--strategy", "mirrored", "--devices", "GPU:7"],
+                                  "no device 'GPU:7' here"),
+    "devices without mirrored": (["--overwrite", "--devices", "CPU:0"],
+                                 "--devices is for --strategy mirrored"),
     "seed out of range": (["--overwrite", "--seed", "-1"], "argument --seed"),
     "learning rate not finite": (["--overwrite", "--learning-rate", "inf"], "argument --learning-rate"),
     "resume with every checkpoint damaged": (lambda tmp, run: damage_every_checkpoint(run) or [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 
 import imageio.v3 as iio
 import pytest
@@ -66,6 +68,21 @@ def test_train_script_is_repeatable_with_a_seed(tiny_npz, tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", "--data", tiny_npz, "--epochs", "2", "--precision", "bf16",
+                        "--out-dir", out)
+    assert_ok(result)
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
+    with open(out / "metrics.csv") as file:
+        elbos = [float(row["test_elbo"]) for row in csv.DictReader(file)]
+    assert all(math.isfinite(elbo) for elbo in elbos) and elbos[-1] > elbos[0]
+    result = run_script("evaluate.py", "--out-dir", out, "--iw-samples", "2", "--data", tiny_npz)
+    assert_ok(result)
+    report = json.loads((out / "evaluation.json").read_text())
+    assert abs(report["elbo"]["mean"] - elbos[-1]) < 5  # the same model, fresh noise
+
+
 def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
     out = tmp_path / "nb"
     result = run_script("cvae_tensorflow.py", "--data", tiny_npz, "--epochs", "1", "--out-dir", out)
@@ -79,7 +96,10 @@ def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
     ("dataset.py", ["--data", "--batch-size", "--out-dir"]),
     ("network.py", ["--latent-dim", "--batch-size"]),
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--seed",
-                  "--out-dir", "--data", "--train-size", "--test-size"]),
+                  "--out-dir", "--data", "--train-size", "--test-size", "--precision", "--strategy",
+                  "--devices"]),
+    ("benchmarks/benchmark.py", ["--data", "--train-size", "--repeats", "--steps", "--variants",
+                                 "--out-dir"]),
 ])
 def test_help_documents_every_flag_with_its_default(script, flags):
     result = run_script(script, "--help")
