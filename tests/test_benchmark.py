@@ -1,0 +1,52 @@
+"""benchmarks/benchmark.py: its FLOP count, and a short run on tiny data."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import ROOT, own_stderr, run_script
+
+import network
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchmark  # noqa: E402
+
+
+def test_train_flops_are_counted_from_the_layer_shapes():
+    # Multiply-adds x 2 per image, layer by layer, for latent_dim 2:
+    forward = (2 * 13 * 13 * 32 * (3 * 3 * 1)  # Conv2D 32: each output pixel gathers 3x3x1
+               + 2 * 6 * 6 * 64 * (3 * 3 * 32)  # Conv2D 64
+               + 2 * 2304 * 4  # Dense to mean and log-variance
+               + 2 * 2 * 7 * 7 * 32  # Dense from z
+               + 2 * 7 * 7 * 32 * (3 * 3 * 64)  # Conv2DTranspose 64: each input pixel spreads 3x3x64
+               + 2 * 14 * 14 * 64 * (3 * 3 * 32)  # Conv2DTranspose 32
+               + 2 * 28 * 28 * 32 * (3 * 3 * 1))  # Conv2DTranspose 1
+    assert forward == 10_932_416
+    first_layer = 2 * 13 * 13 * 32 * 9
+    assert benchmark.forward_flops(network.CVAE(2)) == (forward, first_layer)
+    assert benchmark.train_flops_per_image(network.CVAE(2)) == 3 * forward - first_layer
+
+
+def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
+    out_dir = tmp_path / "bench"
+    result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--repeats", "1",
+                        "--steps", "2", "--out-dir", out_dir)
+    assert result.returncode == 0, own_stderr(result.stderr)[-20:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table] == ["variant", *benchmark.VARIANTS]
+    report = json.loads((out_dir / "benchmark.json").read_text())
+    assert [row["variant"] for row in report["table"]] == list(benchmark.VARIANTS)
+    for row in report["table"]:
+        assert row["ms_per_step"] > 0 and row["epoch_seconds"] > 0 and row["eval_seconds"] > 0
+    assert report["table"][0]["epoch_ratio"] == 1.0
+    assert report["matmul_gflops"]["fp32"] > 0 and report["startup"]["to_first_step_seconds"] > 0
+    assert report["train_flops_per_step"] == 32 * benchmark.train_flops_per_image(network.CVAE(2))
+
+
+def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
+    result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--variants", "fp32,fp64",
+                        "--out-dir", tmp_path / "bench")
+    assert result.returncode == 2
+    lines = own_stderr(result.stderr)
+    assert len(lines) == 1 and "unknown 'fp64'" in lines[0], lines
