@@ -119,3 +119,25 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     expected = [network.compute_loss(model, images[start:start + 32], noise.normal((size, 2)))
                 for start, size in ((0, 32), (32, 32), (64, 6))]
     np.testing.assert_allclose(losses, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [network.Conv2D(8, 3, padding="same", dtype="mixed_bfloat16"),
+                                   network.Conv2DTranspose(8, 3, padding="same",
+                                                           dtype="mixed_bfloat16")])
+def test_bf16_bias_gradients_are_summed_in_float32(layer):
+    x = tf.ones((32, 28, 28, 1))
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(tf.cast(layer(x), tf.float32))
+    # d total / d bias = the number of outputs per channel: 32 x 28 x 28 = 25,088. Summed
+    # in bfloat16 (TensorFlow's BiasAddGrad), it stalls far short (at 512 with Keras' layers).
+    np.testing.assert_array_equal(tape.gradient(total, layer.bias), np.full(8, 32 * 28 * 28))
+
+
+def test_fp32_and_bf16_models_agree():
+    x = tf.constant((np.random.default_rng(0).random((32, 28, 28, 1)) < 0.3).astype(np.float32))
+    eps = tf.random.stateless_normal((32, 2), seed=(1, 2))
+    losses = []
+    for precision in ("fp32", "bf16"):
+        tf.keras.utils.set_random_seed(1)
+        losses.append(float(network.compute_loss(network.CVAE(2, precision), x, eps)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
