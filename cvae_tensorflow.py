@@ -36,6 +36,7 @@ def show(path: Path) -> None:
 
 
 cli.setup_script_without_main()  # bad input: one line, not a traceback
+train.one_op_at_a_time()  # so that a seed repeats a run bit for bit (see train.py)
 
 # train.py's flags, with the tutorial's recipe as their defaults. parse_known_args,
 # because a notebook kernel passes arguments of its own. A notebook is re-run from the top,
@@ -91,7 +92,7 @@ model.decoder.summary()
 # estimate keeps all three terms in one formula, as in the tutorial.
 
 # %%
-optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
+optimizer = train.Adam(config["learning_rate"])  # Keras' Adam, one op per variable
 print(f"loss of the untrained model on 32 images: "
       f"{float(network.compute_loss(model, train_images[:32])):.1f}")
 
@@ -100,8 +101,9 @@ print(f"loss of the untrained model on 32 images: "
 #
 # Each step encodes a batch, draws z with the reparameterization trick, decodes it, and
 # takes a gradient step on the loss (a custom `tf.GradientTape` step, compiled with
-# `tf.function`). Before training and after each epoch, 16 fixed test digits are passed
-# through the model and saved as a 4x4 grid.
+# `tf.function`, 50 steps a call: `train.make_train_function`). Before training and
+# after each epoch, 16 fixed test digits are passed through the model and saved as a
+# 4x4 grid.
 
 # %%
 metrics = train.fit(model, optimizer, train_images, test_images, epochs=config["epochs"],
