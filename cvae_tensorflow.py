@@ -92,7 +92,7 @@ model.decoder.summary()
 # estimate keeps all three terms in one formula, as in the tutorial.
 
 # %%
-optimizer = train.Adam(config["learning_rate"])  # Keras' Adam, one op per variable
+optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
 print(f"loss of the untrained model on 32 images: "
       f"{float(network.compute_loss(model, train_images[:32])):.1f}")
 

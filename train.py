@@ -122,30 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------
-# The optimizer, one step, and the test-set ELBO
-
-
-class Adam(tf.keras.optimizers.Adam):
-    """Keras' Adam, with each variable's update in one op, TensorFlow's ResourceApplyAdam:
-    the same formula (m and v moving averages, then lr * sqrt(1 - beta2^t) / (1 - beta1^t)
-    * m / (sqrt(v) + epsilon)) and the same variables and checkpoints, but 1 op instead of
-    Keras' 27, which took 15 to 20% of a step on the CPU. Under tf.distribute (whose
-    replicas update their own copies), and with amsgrad, Keras' own update."""
-
-    def update_step(self, gradient: tf.Tensor, variable: tf.Variable, learning_rate: tf.Tensor) -> None:
-        if tf.distribute.has_strategy() or self.amsgrad:
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        index = self._get_variable_index(variable)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=self._momentums[index].value.handle,
-            v=self._velocities[index].value.handle,
-            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
-            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
-            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
-            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype))
+# The train steps, and the test-set ELBO
 
 
 def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
@@ -659,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tf.keras.utils.set_random_seed(config["seed"])
     with strategy.scope():  # the variables live on the strategy's devices
         model = network.CVAE(config["latent_dim"], config["precision"])
-        optimizer = Adam(config["learning_rate"])
+        optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
     fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
         batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
         resume_from=run.resume_from, kl=config["kl"], strategy=strategy)

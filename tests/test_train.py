@@ -74,21 +74,3 @@ def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
     train.save_gif([train.grid_path(tmp_path, e) for e in range(3)], tmp_path / "cvae.gif")
     assert iio.imread(tmp_path / "cvae.gif", index=None).shape[0] == 3
 
-
-def test_adam_is_keras_adam_in_one_op_per_variable():
-    tf.keras.utils.set_random_seed(5)
-    initial = [np.asarray(w) for w in network.CVAE(2).get_weights()]
-    rng = np.random.default_rng(5)
-    gradients = [[tf.constant(rng.normal(size=w.shape) * 10.0 ** rng.integers(-6, 1), tf.float32)
-                  for w in initial] for _ in range(3)]
-    results = []
-    for optimizer in (tf.keras.optimizers.Adam(1e-3), train.Adam(1e-3)):
-        variables = [tf.Variable(w) for w in initial]
-        for step_gradients in gradients:
-            optimizer.apply_gradients(zip(step_gradients, variables))
-        results.append([v.numpy() for v in variables])
-        assert int(optimizer.iterations) == 3
-    for keras_weights, fused_weights, start in zip(*results, initial):
-        assert not np.array_equal(fused_weights, start)
-        # Three steps move a weight by about 3e-3; the two differ by float rounding alone.
-        np.testing.assert_allclose(fused_weights, keras_weights, rtol=1e-6, atol=1e-7)
