@@ -590,10 +590,10 @@ def _device_key(name: str) -> tuple[str, int | None] | None:
 
 def one_op_at_a_time() -> None:
     """Run one TensorFlow op at a time (each still on every core), so that a run repeats
-    bit for bit. With two ops at once, the kernels split their sums differently when the
-    machine is busy: three identical runs of the 50-step loop, side by side, gave three
-    different losses after one epoch; with one op at a time, the same. It costs no
-    measurable speed. Call it first: it must come before TensorFlow starts."""
+    bit for bit. With two ops at once, the 50-step loop's results depend on timing when
+    the machine is busy: three identical runs side by side gave three different losses
+    after one epoch; with one op at a time, six agreed to the bit. It costs speed (see
+    the README's Speed). Call it first: it must come before TensorFlow starts."""
     with contextlib.suppress(RuntimeError):  # raised once TensorFlow has started (a notebook)
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
