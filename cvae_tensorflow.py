@@ -36,7 +36,6 @@ def show(path: Path) -> None:
 
 
 cli.setup_script_without_main()  # bad input: one line, not a traceback
-train.one_op_at_a_time()  # so that a seed repeats a run bit for bit (see train.py)
 
 # train.py's flags, with the tutorial's recipe as their defaults. parse_known_args,
 # because a notebook kernel passes arguments of its own. A notebook is re-run from the top,

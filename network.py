@@ -136,12 +136,56 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
     )
 
 
+# ----------------------------------------------------------------------------
+# The ELBO's terms, with gradients that add two numbers at a time
+#
+# Where a tensor feeds three or more ops, autodiff adds their gradients with one AddN op,
+# and TensorFlow's CPU AddN starts its sum from whichever input buffer it may reuse, that
+# is, from whichever input's other readers happen to have finished. With two ops running
+# at once, that order, and so the rounding, changed from run to run: three identical runs
+# gave three different losses. Written as below, no tensor of the train step feeds more
+# than two differentiable ops (tests/test_network.py checks the graph), and a sum of two
+# is the same in either order, so a seed repeats a run bit for bit at full speed.
+
+
+def bernoulli_log_likelihood(logits: tf.Tensor, x: tf.Tensor, axis: Sequence[int] = (1, 2, 3)) -> tf.Tensor:
+    """log p(x|z) of binary pixels `x` under Bernoulli(sigmoid(logits)), summed over `axis`.
+
+    x * logits - softplus(logits) is -tf.nn.sigmoid_cross_entropy_with_logits (the
+    tutorial's form), as stable, with a gradient of two terms (x - sigmoid(logits)) where
+    that op's has four.
+    """
+    return tf.reduce_sum(x * logits - tf.math.softplus(logits), axis=axis)
+
+
+@tf.custom_gradient
+def monte_carlo_kl(z: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, object]:
+    """The tutorial's single-sample KL estimate log q(z|x) - log p(z) per example, (batch,).
+
+    Its gradient is written out: autodiff would add three gradients at z and at logvar.
+    """
+    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        upstream = upstream[:, tf.newaxis]
+        d_mean = (z - mean) * tf.exp(-logvar)  # d log q / d mean, and -d log q / d z
+        d_z = z - d_mean  # d log p / d z is -z
+        d_logvar = 0.5 * ((z - mean) * d_mean - 1.0)
+        return upstream * d_z, upstream * d_mean, upstream * d_logvar
+    return log_normal_pdf(z, mean, logvar) - log_normal_pdf(z, 0.0, 0.0), gradients
+
+
+@tf.custom_gradient
+def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, object]:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per example: (batch,).
+
+    Its gradient is written out: autodiff would add three gradients at logvar.
+    """
+    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        upstream = upstream[:, tf.newaxis]
+        return upstream * mean, upstream * 0.5 * (tf.exp(logvar) - 1.0)
+    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1.0 - logvar, axis=1), gradients
+
+
 KL_ESTIMATORS = ("mc", "analytic")
-
-
-def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per example: (batch,)."""
-    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1.0 - logvar, axis=1)
 
 
 def elbo_parts(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
@@ -154,15 +198,10 @@ def elbo_parts(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
     """
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
-    x_logit = model.decode(z)
-    # Bernoulli log-likelihood of the binarized pixels, from the logits for stability.
-    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
-    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    logpx_z = bernoulli_log_likelihood(model.decode(z), x)
     if kl == "analytic":
         return logpx_z, analytic_kl(mean, logvar)
-    logpz = log_normal_pdf(z, 0.0, 0.0)
-    logqz_x = log_normal_pdf(z, mean, logvar)
-    return logpx_z, logqz_x - logpz
+    return logpx_z, monte_carlo_kl(z, mean, logvar)
 
 
 def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
@@ -187,8 +226,7 @@ def log_importance_weights(model: CVAE, x: tf.Tensor, eps: tf.Tensor) -> tf.Tens
     z = model.reparameterize(mean, logvar, eps)  # (batch, K, latent)
     batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
     logits = model.decode(tf.reshape(z, (batch * k, model.latent_dim)))
-    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=logits, labels=tf.repeat(x, k, axis=0))
-    logpx_z = -tf.reshape(tf.reduce_sum(cross_ent, axis=[1, 2, 3]), (batch, k))
+    logpx_z = tf.reshape(bernoulli_log_likelihood(logits, tf.repeat(x, k, axis=0)), (batch, k))
     return logpx_z + log_normal_pdf(z, 0.0, 0.0, raxis=2) - log_normal_pdf(z, mean, logvar, raxis=2)
 
 

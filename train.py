@@ -26,7 +26,6 @@ had never stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -588,16 +587,6 @@ def _device_key(name: str) -> tuple[str, int | None] | None:
     return (spec.device_type or "").upper(), spec.device_index
 
 
-def one_op_at_a_time() -> None:
-    """Run one TensorFlow op at a time (each still on every core), so that a run repeats
-    bit for bit. With two ops at once, the 50-step loop's results depend on timing when
-    the machine is busy: three identical runs side by side gave three different losses
-    after one epoch; with one op at a time, six agreed to the bit. It costs speed (see
-    the README's Speed). Call it first: it must come before TensorFlow starts."""
-    with contextlib.suppress(RuntimeError):  # raised once TensorFlow has started (a notebook)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-
-
 def make_strategy(name: str, devices: str | None = None) -> tf.distribute.Strategy:
     """The tf.distribute strategy for --strategy and --devices."""
     if devices and name != "mirrored":
@@ -620,7 +609,6 @@ def make_strategy(name: str, devices: str | None = None) -> tf.distribute.Strate
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    one_op_at_a_time()
     parser = build_parser()
     args = parser.parse_args(argv)
     strategy = make_strategy(args.strategy, args.devices)
@@ -630,8 +618,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"writing to {out_dir}/")
 
     # The same seed must give the same run: the initial weights come from it, and
-    # deterministic kernels keep a resumed run bit-identical (on the CPU they already are;
-    # on a GPU this picks the deterministic convolution algorithms).
+    # deterministic kernels keep a resumed run bit-identical (on the CPU they are, with the
+    # loss's gradients of network.py; on a GPU this picks deterministic convolutions).
     tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(config["seed"])
     with strategy.scope():  # the variables live on the strategy's devices

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+import tensorflow as tf
 from conftest import ROOT, own_stderr, run_script
 
 import network
@@ -26,6 +28,20 @@ def test_train_flops_are_counted_from_the_layer_shapes():
     first_layer = 2 * 13 * 13 * 32 * 9
     assert benchmark.forward_flops(network.CVAE(2)) == (forward, first_layer)
     assert benchmark.train_flops_per_image(network.CVAE(2)) == 3 * forward - first_layer
+
+
+def test_the_tutorials_loss_is_the_ports():
+    model = network.CVAE(2)
+    x = tf.constant((np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
+    losses = []
+    for loss in (benchmark.tutorial_loss, network.compute_loss):
+        tf.random.set_seed(1)  # both draw their noise with tf.random.normal: the same noise
+        with tf.GradientTape() as tape:
+            losses.append(loss(model, x))
+        losses.append(tape.gradient(losses[-1], model.trainable_variables))
+    np.testing.assert_allclose(losses[0], losses[2], rtol=1e-6)
+    for tutorials, ours in zip(losses[1], losses[3]):
+        np.testing.assert_allclose(tutorials, ours, rtol=1e-4, atol=1e-6)
 
 
 def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):

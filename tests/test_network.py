@@ -76,6 +76,58 @@ def test_loss_matches_a_hand_computation(model):
     np.testing.assert_allclose(network.compute_loss(model, x, eps), -expected_elbo.mean(), rtol=1e-4)
 
 
+def test_bernoulli_log_likelihood_is_minus_the_tutorials_cross_entropy():
+    rng = np.random.default_rng(5)
+    logits = tf.constant(rng.normal(scale=8.0, size=(4, 28, 28, 1)), tf.float32)
+    x = tf.constant(rng.random((4, 28, 28, 1)) < 0.3, tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = network.bernoulli_log_likelihood(logits, x)
+        cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits)
+        tutorials = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    np.testing.assert_allclose(ours, tutorials, rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(ours, logits), tape.gradient(tutorials, logits),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kl", network.KL_ESTIMATORS)
+def test_written_out_kl_gradients_are_autodiffs(kl):
+    rng = np.random.default_rng(6)
+    mean, logvar, eps = (tf.constant(rng.normal(size=(8, 3)), tf.float32) for _ in range(3))
+    upstream = tf.constant(rng.normal(size=8), tf.float32)  # any weights of the examples
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([mean, logvar])
+        z = eps * tf.exp(logvar * 0.5) + mean  # so the gradients include the path through z
+        if kl == "mc":
+            written = network.monte_carlo_kl(z, mean, logvar)
+            autodiff = network.log_normal_pdf(z, mean, logvar) - network.log_normal_pdf(z, 0.0, 0.0)
+        else:
+            written = network.analytic_kl(mean, logvar)
+            autodiff = 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1.0 - logvar, axis=1)
+        written_total, autodiff_total = (tf.reduce_sum(upstream * kl_) for kl_ in (written, autodiff))
+    np.testing.assert_allclose(written, autodiff, rtol=1e-6)
+    for ours, expected in zip(tape.gradient(written_total, [mean, logvar]),
+                              tape.gradient(autodiff_total, [mean, logvar])):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision, kl", [("fp32", "mc"), ("fp32", "analytic"), ("bf16", "mc")])
+def test_the_train_step_adds_gradients_two_at_a_time(precision, kl):
+    """An AddN of three or more sums in an order that depends on timing (see network.py)."""
+    model = network.CVAE(2, precision)
+    optimizer = tf.keras.optimizers.Adam(1e-4)
+    optimizer.build(model.trainable_variables)
+    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(0),
+                                            batch_size=4, kl=kl)
+    graph = train_steps.get_concrete_function(
+        tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)
+    ).graph.as_graph_def()
+    # The step is the body of a loop: a function in the graph's library.
+    nodes = [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
+    sums = [sum(not name.startswith("^") for name in node.input) for node in nodes if node.op == "AddN"]
+    assert sums and max(sums) == 2, sums
+
+
 def test_train_steps_have_finite_gradients_and_lower_the_loss():
     tf.keras.utils.set_random_seed(3)
     model = network.CVAE(2)
