@@ -173,6 +173,27 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     np.testing.assert_allclose(losses, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_the_transposed_convolution_to_one_channel_is_keras(kernel_size):
+    ours = network.Conv2DTranspose(1, kernel_size, padding="same")
+    keras = tf.keras.layers.Conv2DTranspose(1, kernel_size, padding="same")
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=(4, 28, 28, 32)), tf.float32)
+    ours.build(x.shape), keras.build(x.shape)
+    keras.set_weights([rng.normal(size=w.shape) for w in keras.get_weights()])
+    ours.set_weights(keras.get_weights())
+    assert ours._has_faster_convolution()  # a depthwise convolution, not oneDNN's transposed one
+    gradients = []
+    for layer in (ours, keras):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            total = tf.reduce_sum(y * tf.range(28.0)[:, None, None])  # uneven weights
+        gradients.append([y, *tape.gradient(total, [x, *layer.trainable_variables])])
+    for ours_, keras_ in zip(*gradients):  # sums in another order: rounding, at their scale
+        np.testing.assert_allclose(ours_, keras_, atol=1e-6 * np.abs(keras_).max())
+
+
 @pytest.mark.parametrize("layer", [network.Conv2D(8, 3, padding="same", dtype="mixed_bfloat16"),
                                    network.Conv2DTranspose(8, 3, padding="same",
                                                            dtype="mixed_bfloat16")])
