@@ -264,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"step {latest['step_seconds'] * 1e3:6.2f} ms  evaluation {seconds:5.2f} s", flush=True)
 
     baseline = names[0]
+
+    def ratio(name: str, kind: str) -> float:
+        """The median over repeats of each repeat's ratio: a slow spell of a shared machine
+        tends to hit a repeat's variants alike."""
+        pairs = zip(timings[name][kind], timings[baseline][kind])
+        return float(np.median([seconds / baseline_seconds for seconds, baseline_seconds in pairs]))
+
     rows = []
     for name in names:
         step = float(np.median(timings[name]["step_seconds"]))
@@ -273,13 +280,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "variant": name, "ms_per_step": step * 1e3, "images_per_second": BATCH_SIZE / step,
             "gflops_per_second": flops_per_step / step / 1e9,
             "fraction_of_fp32_matmul": flops_per_step / step / 1e9 / gflops_fp32,
-            "epoch_seconds": epoch,
-            "epoch_ratio": epoch / float(np.median(timings[baseline]["epoch_seconds"])),
-            "eval_seconds": evaluation,
-            "eval_ratio": evaluation / float(np.median(timings[baseline]["eval_seconds"])),
+            "epoch_seconds": epoch, "epoch_ratio": ratio(name, "epoch_seconds"),
+            "eval_seconds": evaluation, "eval_ratio": ratio(name, "eval_seconds"),
         })
     print(f"\nMedians of {args.repeats}; epoch = {len(train_images):,} images, input pipeline "
-          f"included; ratios against {baseline}\n")
+          f"included; ratios: the median of each repeat's ratio to {baseline}\n")
     header = (f"| {'variant':15s} | ms/step | images/s | GFLOP/s | of fp32 matmul | epoch s | "
               f"epoch ratio | eval s | eval ratio |")
     print(header)
