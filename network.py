@@ -38,7 +38,8 @@ def _add_bias(outputs: tf.Tensor, bias: tf.Tensor) -> tuple[tf.Tensor, object]:
 
 class _Convolution:
     """Keras' convolution layers, with our own call where it must differ: in bfloat16, and
-    where `_convolve` has a faster way than Keras'. Same variables, same results.
+    where `_convolve` has a faster way than Keras'. Same variables, same results (to float
+    rounding).
 
     In bfloat16 the bias is added with _add_bias. TensorFlow's CPU kernel for the gradient
     of a bias (BiasAddGrad) adds bfloat16 numbers in bfloat16, so the sum over a batch of
@@ -71,7 +72,8 @@ class Conv2DTranspose(_Convolution, tf.keras.layers.Conv2DTranspose):
         layer, odd kernel) is faster as a depthwise convolution: oneDNN runs it at about
         12 GFLOP/s, a seventh of a train step and a third of the test ELBO's time."""
         return (self.filters == 1 and self.strides == (1, 1) and self.padding == "same"
-                and self.dilation_rate == (1, 1) and self.data_format == "channels_last"
+                and self.output_padding is None and self.dilation_rate == (1, 1)
+                and self.data_format == "channels_last"
                 and all(size % 2 == 1 for size in self.kernel_size))
 
     def _convolve(self, inputs: tf.Tensor) -> tf.Tensor:
