@@ -67,11 +67,16 @@ class Conv2D(_Convolution, tf.keras.layers.Conv2D):
 
 
 class Conv2DTranspose(_Convolution, tf.keras.layers.Conv2DTranspose):
+    # False: always Keras' own kernel (the benchmark's tutorial variant runs that way).
+    allow_depthwise = True
+
     def _has_faster_convolution(self) -> bool:
         """A stride-1, 'same' transposed convolution to one channel (the decoder's logits
-        layer, odd kernel) is faster as a depthwise convolution: oneDNN runs it at about
-        12 GFLOP/s, a seventh of a train step and a third of the test ELBO's time."""
-        return (self.filters == 1 and self.strides == (1, 1) and self.padding == "same"
+        layer, odd kernel) is faster as a depthwise convolution, measured on the CPU, where
+        oneDNN runs it at about 12 GFLOP/s: a seventh of a train step and a third of the
+        test ELBO's time."""
+        return (self.allow_depthwise and self.filters == 1 and self.strides == (1, 1)
+                and self.padding == "same"
                 and self.output_padding is None and self.dilation_rate == (1, 1)
                 and self.data_format == "channels_last"
                 and all(size % 2 == 1 for size in self.kernel_size))
@@ -168,7 +173,8 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
 # is, from whichever input's other readers happen to have finished. With two ops running
 # at once, that order, and so the rounding, changed from run to run: three identical runs
 # gave three different losses. Written as below, no tensor of the train step feeds more
-# than two differentiable ops (tests/test_network.py checks the graph), and a sum of two
+# than two differentiable ops (tests/test_network.py checks the graph as traced; Grappler
+# could still merge a chain of adds into one AddN, and does not here), and a sum of two
 # is the same in either order, so a seed repeats a run bit for bit at full speed.
 
 
@@ -187,6 +193,7 @@ def monte_carlo_kl(z: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf
     """The tutorial's single-sample KL estimate log q(z|x) - log p(z) per example, (batch,).
 
     Its gradient is written out: autodiff would add three gradients at z and at logvar.
+    (Callers get the value; `gradients` is what autodiff uses.)
     """
     def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         upstream = upstream[:, tf.newaxis]
@@ -202,6 +209,7 @@ def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, object]:
     """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per example: (batch,).
 
     Its gradient is written out: autodiff would add three gradients at logvar.
+    (Callers get the value; `gradients` is what autodiff uses.)
     """
     def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         upstream = upstream[:, tf.newaxis]
