@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
-                        rng: tf.random.Generator, *, batch_size: int, kl: str = "mc",
+                        rng: tf.random.Generator, *, kl: str = "mc",
                         strategy: tf.distribute.Strategy | None = None):
     """A compiled `train_steps(batches, first, count)` that takes `count` gradient steps on
     `batches[first]`, `batches[first + 1]`, .. and returns each step's loss (the negative
@@ -133,8 +133,8 @@ def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Opti
     28, 28, 1): `epoch_losses` cuts an epoch's images into it.
 
     Several steps per call save the Python round trip of each step. Under a multi-device
-    `strategy` each replica takes its share of every batch; the global batch stays
-    `batch_size`, and the noise is drawn for the global batch, as on one device.
+    `strategy` each replica takes its share of every batch; the global batch stays the
+    batch's size, and the noise is drawn for the global batch, as on one device.
     """
     strategy = strategy or tf.distribute.get_strategy()
 
@@ -475,8 +475,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         with strategy.scope():
             optimizer.build(model.trainable_variables)
     rng = tf.random.Generator.from_seed(seed)  # all noise: training, evaluation, the grid
-    train_steps = make_train_function(model, optimizer, rng, batch_size=batch_size, kl=kl,
-                                      strategy=strategy)
+    train_steps = make_train_function(model, optimizer, rng, kl=kl, strategy=strategy)
     test_batches = dataset.make_batches(test_images, EVAL_BATCH_SIZE)
     train_tensor = tf.constant(train_images)  # converted once, permuted every epoch
     # The same 16 test digits and the same noise every epoch, so the frames differ only

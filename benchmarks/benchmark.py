@@ -187,8 +187,7 @@ class Variant:
 
     def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        train_steps = train.make_train_function(self.model, self.optimizer, rng,
-                                                batch_size=BATCH_SIZE)
+        train_steps = train.make_train_function(self.model, self.optimizer, rng)
         train_tensor = tf.constant(train_images)
         test_batches = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
         num_full_batches = len(train_images) // BATCH_SIZE

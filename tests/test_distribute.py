@@ -34,7 +34,7 @@ for optimizer_name in ("sgd", "adam"):
             optimizer.build(model.trainable_variables)
         model.set_weights(initial)
         train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(3),
-                                                batch_size=32, strategy=strategy)
+                                                strategy=strategy)
         losses = np.concatenate([losses for _, losses in train.epoch_losses(train_steps, images, 32)])
         results[name] = (losses, [np.asarray(w) for w in model.get_weights()])
     (loss_1, weights_1), (loss_2, weights_2) = results["single"], results["mirrored"]

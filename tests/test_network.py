@@ -119,7 +119,7 @@ def test_the_train_step_adds_gradients_two_at_a_time(precision, kl):
     optimizer = tf.keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(0),
-                                            batch_size=4, kl=kl)
+                                            kl=kl)
     graph = train_steps.get_concrete_function(
         tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)
     ).graph.as_graph_def()
@@ -146,7 +146,7 @@ def test_train_steps_have_finite_gradients_and_lower_the_loss():
     first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
     weights_before = [w.numpy() for w in model.trainable_variables]
     first_loss = network.compute_loss(model, x, first_eps)
-    train_steps = train.make_train_function(model, optimizer, rng, batch_size=32)
+    train_steps = train.make_train_function(model, optimizer, rng)
     losses = train_steps(tf.stack([x] * 5), tf.constant(0), tf.constant(5))
     assert losses.shape == (5,)
     np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
@@ -162,8 +162,7 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
     optimizer.build(model.trainable_variables)
     images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
-    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(4),
-                                            batch_size=32)
+    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(4))
     calls = list(train.epoch_losses(train_steps, images, batch_size=32, steps_per_call=2))
     assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
     losses = np.concatenate([losses for _, losses in calls])
