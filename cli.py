@@ -30,11 +30,19 @@ class UserError(ScriptError):
     exit_code = 2
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # A help that explains its own default keeps it, rather than "(default: None)".
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that shows defaults in --help and reports a bad flag in one line."""
 
     def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
