@@ -46,6 +46,10 @@ parser = train.build_parser()
 parser.set_defaults(out_dir=NOTEBOOK_DIR)
 args, _ = parser.parse_known_args()
 args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
+# On a CPU, each batch is computed in two pieces side by side, a core each (--shards;
+# see train.share_cores). TensorFlow takes its thread settings only before it starts.
+shards = args.shards or train.default_shards("default")
+train.share_cores(shards)
 
 # %% [markdown]
 # ## Load the MNIST dataset
@@ -107,7 +111,7 @@ print(f"loss of the untrained model on 32 images: "
 # %%
 metrics = train.fit(model, optimizer, train_images, test_images, epochs=config["epochs"],
                     batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-                    resume_from=run.resume_from, kl=config["kl"])
+                    resume_from=run.resume_from, kl=config["kl"], shards=shards)
 
 # %% [markdown]
 # ## A generated image from the last training epoch

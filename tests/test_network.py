@@ -111,15 +111,16 @@ def test_written_out_kl_gradients_are_autodiffs(kl):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kl", network.KL_ESTIMATORS)
-def test_the_train_step_adds_gradients_two_at_a_time(precision, kl):
+def test_the_train_step_adds_gradients_two_at_a_time(precision, kl, shards):
     """An AddN of three or more sums in an order that depends on timing (see network.py)."""
     model = network.CVAE(2, precision)
     optimizer = tf.keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
     train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(0),
-                                            kl=kl)
+                                            kl=kl, shards=shards)
     graph = train_steps.get_concrete_function(
         tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)
     ).graph.as_graph_def()
@@ -154,6 +155,29 @@ def test_train_steps_have_finite_gradients_and_lower_the_loss():
                for a, b in zip(weights_before, model.trainable_variables))
     after = network.compute_loss(model, x, eps)
     assert float(after) < float(before)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_a_step_in_shards_is_the_whole_batch_step(shards):
+    """The batch cut into pieces (even or not) gives the same losses and weights, to rounding."""
+    images = tf.constant((np.random.default_rng(5).random((64, 28, 28, 1)) < 0.2).astype(np.float32))
+    tf.keras.utils.set_random_seed(5)
+    initial = network.CVAE(2).get_weights()
+    results = []
+    for pieces in (1, shards):
+        model = network.CVAE(2)
+        model.set_weights(initial)
+        optimizer = tf.keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+        train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(5),
+                                                shards=pieces)
+        losses = np.concatenate([losses for _, losses in train.epoch_losses(train_steps, images, 32)])
+        results.append((losses, model.get_weights()))
+    (whole_losses, whole_weights), (losses, weights) = results
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-6)
+    for ours, whole, start in zip(weights, whole_weights, initial):
+        assert not np.array_equal(whole, start)  # two Adam steps moved every weight
+        np.testing.assert_allclose(ours, whole, atol=1e-6)
 
 
 def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():

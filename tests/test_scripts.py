@@ -97,7 +97,7 @@ def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
     ("network.py", ["--latent-dim", "--batch-size"]),
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--seed",
                   "--out-dir", "--data", "--train-size", "--test-size", "--precision", "--strategy",
-                  "--devices"]),
+                  "--devices", "--shards"]),
     ("benchmarks/benchmark.py", ["--data", "--train-size", "--repeats", "--steps", "--variants",
                                  "--out-dir"]),
 ])
@@ -123,6 +123,7 @@ BAD_TRAIN_INPUT = {
     "negative epochs": (["--epochs", "-1"], "argument --epochs: '-1' is not a whole number >= 0"),
     "zero latent dim": (["--latent-dim", "0"], "argument --latent-dim: '0' is not"),
     "zero batch": (["--batch-size", "0"], "argument --batch-size: '0' is not"),
+    "zero shards": (["--shards", "0"], "argument --shards: '0' is not"),
     "text batch": (["--batch-size", "many"], "argument --batch-size: 'many' is not"),
     "zero learning rate": (["--learning-rate", "0"], "argument --learning-rate: '0' is not"),
     "unknown flag": (["--epoch", "3", "--lr", "1"], "unrecognized arguments"),

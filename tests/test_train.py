@@ -7,6 +7,7 @@ from statistics import NormalDist
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import dataset
@@ -42,12 +43,13 @@ def test_manifold_png_is_written(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
-def test_evaluate_is_the_mean_elbo_over_all_images():
+@pytest.mark.parametrize("shards", [1, 2])
+def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     tf.keras.utils.set_random_seed(4)
     model = network.CVAE(2)
     images = (np.random.default_rng(4).random((1300, 28, 28, 1)) < 0.2).astype(np.float32)
     batches = dataset.make_batches(images, train.EVAL_BATCH_SIZE)
-    elbo = train.evaluate(model, batches, tf.random.Generator.from_seed(9))
+    elbo = train.evaluate(model, batches, tf.random.Generator.from_seed(9), shards=shards)
     rng = tf.random.Generator.from_seed(9)  # the same noise, drawn in the same batches
     per_example = np.concatenate([
         network.elbo_per_example(model, images[i:i + 1000], rng.normal((len(images[i:i + 1000]), 2)))
