@@ -1,16 +1,20 @@
 """How fast the CVAE trains and evaluates on this machine, next to the tutorial's recipe.
 
-    python benchmarks/benchmark.py --data mnist.npz          # about 8 minutes on 2 cores
+    python benchmarks/benchmark.py --data mnist.npz          # about 12 minutes on 2 cores
     python benchmarks/benchmark.py --train-size 12800 --repeats 1   # a quick look
 
-Each variant trains the same model, from the same start, with batch 32:
+Each variant trains the same model, from the same start, with batch 32, in a process of
+its own (TensorFlow's thread settings hold for a whole process). Each adds one idea to
+the one above it:
 
-  tutorial       the tutorial's code: its loss and its logits layer's kernel, a
-                 shuffle(60000).batch(32) pipeline, one step per tf.function call, an
-                 eager test-set ELBO at batch 32
-  fp32 1/call    train.py's step and in-memory batches, one step per call
-  fp32           train.py as it runs by default: 50 steps per call
-  bf16           train.py --precision bf16
+  tutorial        the tutorial's code: its loss and its logits layer's kernel, a
+                  shuffle(60000).batch(32) pipeline, one step per tf.function call, an
+                  eager test-set ELBO at batch 32, TensorFlow's default threads
+  fp32 1/call     train.py's step (network.py's loss and layers), in-memory batches and
+                  compiled test-set ELBO, one step per call, the batch whole (--shards 1)
+  fp32 1 shard    50 steps per call
+  fp32            the batch in shards, a core each (train.py as it runs by default)
+  bf16            train.py --precision bf16
 
 Each is timed three ways: the compiled train step alone (on batches already in memory,
 after warm-up), a whole epoch (the input pipeline included) and the test-set ELBO. The
@@ -28,6 +32,7 @@ LAUNCHED = time.perf_counter()  # before TensorFlow loads: start-up counts from 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -46,7 +51,7 @@ import train  # noqa: E402
 
 IMPORTED = time.perf_counter()
 BATCH_SIZE = train.BATCH_SIZE
-VARIANTS = ("tutorial", "fp32 1/call", "fp32", "bf16")
+VARIANTS = ("tutorial", "fp32 1/call", "fp32 1 shard", "fp32", "bf16")
 MATMUL_SIZE = 2048
 
 
@@ -129,6 +134,11 @@ def tutorial_loss(model: network.CVAE, x: tf.Tensor) -> tf.Tensor:
     return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 
+def variant_shards(name: str) -> int:
+    """The --shards a variant runs with: train.py's default from "fp32" on."""
+    return 1 if name in ("tutorial", "fp32 1/call", "fp32 1 shard") else train.default_shards("default")
+
+
 class Variant:
     """A model and optimizer set up one variant's way, with its three timed jobs:
     `steps(n)` (the compiled step alone), `epoch(number)` and `evaluate()`."""
@@ -148,7 +158,8 @@ class Variant:
             self._tutorial(train_images, test_images)
         else:
             self._port(train_images, test_images,
-                       steps_per_call=1 if name == "fp32 1/call" else train.STEPS_PER_CALL)
+                       steps_per_call=1 if name == "fp32 1/call" else train.STEPS_PER_CALL,
+                       shards=variant_shards(name))
 
     def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
         model, optimizer = self.model, self.optimizer
@@ -185,9 +196,10 @@ class Variant:
 
         self.steps, self.epoch, self.evaluate = steps, epoch, evaluate
 
-    def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int) -> None:
+    def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
+              shards: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        train_steps = train.make_train_function(self.model, self.optimizer, rng)
+        train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
         train_tensor = tf.constant(train_images)
         test_batches = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
         num_full_batches = len(train_images) // BATCH_SIZE
@@ -203,13 +215,63 @@ class Variant:
                 pass
 
         self.steps, self.epoch = steps, epoch
-        self.evaluate = lambda: train.evaluate(self.model, test_batches, rng)
+        self.evaluate = lambda: train.evaluate(self.model, test_batches, rng, shards=shards)
 
 
-def timed(job: Callable[[], object]) -> tuple[float, object]:
+def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object]:
     start = time.perf_counter()
-    result = job()
+    result = job(*arguments)
     return time.perf_counter() - start, result
+
+
+def serve(name: str, data: str | None, train_size: int | None, connection) -> None:
+    """One variant, in a process of its own: set up, take a first step, report how long
+    that took, then time what the parent asks until it says "stop"."""
+    train.share_cores(variant_shards(name))  # before TensorFlow starts
+    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size)
+    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images))
+    variant.steps(1)
+    connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
+                     "import_seconds": IMPORTED - LAUNCHED,
+                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
+    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
+    while (command := connection.recv()) != ("stop",):
+        job, *arguments = command
+        connection.send(timed(jobs[job], *arguments))
+    connection.send(cli.peak_memory_gib())
+
+
+class Worker:
+    """The parent's end of a variant's process."""
+
+    def __init__(self, name: str, data: str | None, train_size: int | None) -> None:
+        self.name = name
+        self.connection, child_end = multiprocessing.Pipe()
+        # spawn: a fresh interpreter, whose TensorFlow has not started yet
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(name, data, train_size, child_end), daemon=True)
+        self.process.start()
+        self.ready = self._answer()
+
+    def _answer(self) -> object:
+        try:
+            return self.connection.recv()
+        except EOFError:
+            self.process.join()
+            raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
+                                  f"{self.process.exitcode})") from None
+
+    def ask(self, *command: object) -> object:
+        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
+        self.connection.send(command)
+        return self._answer()
+
+    def stop(self) -> float | None:
+        """End the process; return its peak memory in GiB."""
+        self.connection.send(("stop",))
+        peak = self._answer()
+        self.process.join()
+        return peak
 
 
 # ----------------------------------------------------------------------------
@@ -223,46 +285,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise cli.UserError(f"--variants: unknown {', '.join(map(repr, unknown))}; choose from "
                             f"{', '.join(VARIANTS)}")
     out_dir = cli.ensure_out_dir(args.out_dir)
-    (train_images, _), (test_images, _) = dataset.load_mnist(args.data, args.train_size)
-    train_images, test_images = dataset.binarize(train_images), dataset.binarize(test_images)
+    data = dataset.data_source(args.data)
+    (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size)  # checked here
     if len(train_images) < BATCH_SIZE:
         raise cli.UserError(f"--train-size {args.train_size}: an epoch needs at least "
                             f"{BATCH_SIZE} images")
-    loaded = time.perf_counter()
 
-    # Start-up: from launch to the end of the first step train.py would take.
-    variants = {name: Variant(name, train_images, test_images) for name in names}
-    first = variants.get("fp32") or next(iter(variants.values()))
-    first.steps(1)
-    startup = {"import_seconds": IMPORTED - LAUNCHED, "data_seconds": loaded - IMPORTED,
-               "to_first_step_seconds": time.perf_counter() - LAUNCHED}
-    print(f"Start-up: {startup['to_first_step_seconds']:.1f} s from launch to the first step "
-          f"(imports {startup['import_seconds']:.1f} s, data {startup['data_seconds']:.1f} s)")
+    # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:
+    # from a process's launch to the end of the first step train.py would take.
+    workers = {name: Worker(name, data, args.train_size) for name in names}
+    first = workers.get("fp32") or next(iter(workers.values()))
+    startup = {key: value for key, value in first.ready.items() if key != "flops_per_step"}
+    print(f"Start-up ({first.name}): {startup['to_first_step_seconds']:.1f} s from launch to the "
+          f"first step (imports {startup['import_seconds']:.1f} s)")
 
     gflops_fp32 = matmul_gflops(tf.float32, args.repeats)
     gflops_bf16 = matmul_gflops(tf.bfloat16, args.repeats)
-    flops_per_step = train_flops_per_image(first.model) * BATCH_SIZE
+    flops_per_step = first.ready["flops_per_step"]
     print(f"Matmul {MATMUL_SIZE}^2: fp32 {gflops_fp32:.0f} GFLOP/s, bf16 {gflops_bf16:.0f} GFLOP/s; "
           f"a train step is {flops_per_step / 1e9:.2f} GFLOP at batch {BATCH_SIZE}")
 
-    for variant in variants.values():  # warm-up: tracing, and the first epoch's allocations
-        variant.steps(args.steps)
-        variant.epoch(0)
-        variant.evaluate()
+    for worker in workers.values():  # warm-up: tracing, and the first epoch's allocations
+        worker.ask("steps", args.steps)
+        worker.ask("epoch", 0)
+        worker.ask("evaluate")
     timings = {name: {"step_seconds": [], "epoch_seconds": [], "eval_seconds": [], "test_elbo": []}
                for name in names}
     for repeat in range(args.repeats):
-        for name, variant in variants.items():
-            seconds, _ = timed(lambda variant=variant: variant.steps(args.steps))
+        for name, worker in workers.items():
+            seconds, _ = worker.ask("steps", args.steps)
             timings[name]["step_seconds"].append(seconds / args.steps)
-            seconds, _ = timed(lambda variant=variant, repeat=repeat: variant.epoch(repeat + 1))
+            seconds, _ = worker.ask("epoch", repeat + 1)
             timings[name]["epoch_seconds"].append(seconds)
-            seconds, elbo = timed(variant.evaluate)
+            seconds, elbo = worker.ask("evaluate")
             timings[name]["eval_seconds"].append(seconds)
             timings[name]["test_elbo"].append(elbo)
             latest = {key: values[-1] for key, values in timings[name].items()}
             print(f"  repeat {repeat + 1}/{args.repeats} {name:15s} epoch {latest['epoch_seconds']:6.2f} s  "
                   f"step {latest['step_seconds'] * 1e3:6.2f} ms  evaluation {seconds:5.2f} s", flush=True)
+    peaks = {name: worker.stop() for name, worker in workers.items()}
 
     baseline = names[0]
 
@@ -283,20 +344,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             "fraction_of_fp32_matmul": flops_per_step / step / 1e9 / gflops_fp32,
             "epoch_seconds": epoch, "epoch_ratio": ratio(name, "epoch_seconds"),
             "eval_seconds": evaluation, "eval_ratio": ratio(name, "eval_seconds"),
+            "peak_memory_gib": peaks[name],
         })
     print(f"\nMedians of {args.repeats}; epoch = {len(train_images):,} images, input pipeline "
           f"included; ratios: the median of each repeat's ratio to {baseline}\n")
     header = (f"| {'variant':15s} | ms/step | images/s | GFLOP/s | of fp32 matmul | epoch s | "
-              f"epoch ratio | eval s | eval ratio |")
+              f"epoch ratio | eval s | eval ratio | peak GiB |")
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for row in rows:
         print(f"| {row['variant']:15s} | {row['ms_per_step']:7.2f} | {row['images_per_second']:8.0f} | "
               f"{row['gflops_per_second']:7.1f} | {row['fraction_of_fp32_matmul']:14.2f} | "
               f"{row['epoch_seconds']:7.2f} | {row['epoch_ratio']:11.2f} | {row['eval_seconds']:6.2f} | "
-              f"{row['eval_ratio']:10.2f} |")
-    peak = cli.peak_memory_gib()
-    print(f"\nPeak memory (RSS) of this process, all variants loaded: {peak:.2f} GiB" if peak else "")
+              f"{row['eval_ratio']:10.2f} | {row['peak_memory_gib'] or float('nan'):8.2f} |")
+    print("\npeak GiB: the peak memory (RSS) of the variant's process")
 
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -305,11 +366,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "tensorflow": tf.__version__},
         "settings": {"batch_size": BATCH_SIZE, "train_images": len(train_images),
                      "test_images": len(test_images), "repeats": args.repeats, "steps": args.steps,
-                     "steps_per_call": train.STEPS_PER_CALL},
+                     "steps_per_call": train.STEPS_PER_CALL,
+                     "shards": {name: variant_shards(name) for name in names}},
         "startup": startup,
         "matmul_gflops": {"fp32": gflops_fp32, "bf16": gflops_bf16},
         "train_flops_per_step": flops_per_step,
-        "peak_memory_gib": peak,
         "table": rows,
         "timings": timings,
     }
