@@ -639,8 +639,8 @@ def available_cores() -> int:
 
 
 def default_shards(strategy_name: str) -> int:
-    """--shards by default: 2 pieces a batch on one machine with no GPU and 2 or more
-    cores, else 1."""
+    """--shards by default: 2 pieces a batch on one device, where it is a CPU of 2 or
+    more cores (no GPU), else 1."""
     if (strategy_name != "default" or tf.config.list_physical_devices("GPU")
             or available_cores() < 2):
         return 1
@@ -650,12 +650,13 @@ def default_shards(strategy_name: str) -> int:
 def share_cores(shards: int) -> None:
     """Let TensorFlow run `shards` ops at once, with the cores shared among them.
 
-    By default it does too (an op at a time per core), but each op also spreads its work
-    over every core. A train step is mostly one long chain of ops, small enough that a
-    convolution split over two cores spends much of its time waiting for the other half.
-    With the batch cut in two (`elbo_sum`) and one core an op, each half runs on a core
-    of its own: on 2 cores a step takes about a fifth less time. TensorFlow takes this
-    only before it starts; after that (a second run in one process) it keeps its setting.
+    By default it runs as many ops at once as there are cores, and spreads each op over
+    every core. But a train step is mostly one long chain of ops, each too small to split
+    well: a convolution on two cores spends much of its time waiting for the other half.
+    With the batch cut in two (`elbo_sum`) and one core an op, the halves run side by
+    side, a core each: on 2 cores a step takes about a fifth less time. TensorFlow takes
+    this only before it starts; after that (a second run in one process) it keeps what
+    it has.
     """
     if shards == 1:
         return
