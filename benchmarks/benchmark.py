@@ -1,6 +1,6 @@
 """How fast the CVAE trains and evaluates on this machine, next to the tutorial's recipe.
 
-    python benchmarks/benchmark.py --data mnist.npz          # about 12 minutes on 2 cores
+    python benchmarks/benchmark.py --data mnist.npz          # about 9 minutes on 2 cores
     python benchmarks/benchmark.py --train-size 12800 --repeats 1   # a quick look
 
 Each variant trains the same model, from the same start, with batch 32, in a process of
