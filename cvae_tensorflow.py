@@ -46,10 +46,9 @@ parser = train.build_parser()
 parser.set_defaults(out_dir=NOTEBOOK_DIR)
 args, _ = parser.parse_known_args()
 args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
-# On a CPU, each batch is computed in two pieces side by side, a core each (--shards;
-# see train.share_cores). TensorFlow takes its thread settings only before it starts.
-shards = args.shards or train.default_shards("default")
-train.share_cores(shards)
+# On a CPU, each batch is computed in two pieces side by side (--shards; see
+# train.setup_shards). TensorFlow takes its thread settings only before it starts.
+shards = train.setup_shards(args.shards)
 
 # %% [markdown]
 # ## Load the MNIST dataset

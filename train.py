@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "GPU:0,GPU:1 (default: every local GPU, else the CPU)")
     parser.add_argument("--shards", type=cli.positive_int, default=None,
                         help="cut each batch into N pieces computed side by side, the cores "
-                             "shared among them (default: 2 on a machine with no GPU and 2 or "
-                             "more cores, else 1); the results are the same to float rounding, "
-                             "and repeat bit for bit with 1 or 2")
+                             "shared among them (default: 2 with --strategy default on a "
+                             "machine with no GPU and 2 or more cores, else 1); the results "
+                             "are the same to float rounding, and repeat bit for bit with 1 "
+                             "or 2")
     parser.add_argument("--seed", type=cli.seed_int, default=SEED,
                         help="seed for weights, shuffling and noise: the same seed repeats a "
                              "run on the same machine")
@@ -135,7 +136,7 @@ def elbo_sum(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str = "mc",
     """The single-sample ELBO of the images `x` (noise `eps`), summed, in `shards` pieces.
 
     The pieces do not depend on each other, so TensorFlow computes them at once, forward
-    and backward: see `share_cores`. With two, every sum of the step still adds two
+    and backward: see `setup_shards`. With two, every sum of the step still adds two
     numbers at a time, so a run repeats bit for bit (network.py).
     """
     size = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
@@ -172,6 +173,8 @@ def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Opti
         replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
         size = x.shape[0]  # static: train_steps slices its batches from a tensor of known shape
         if replicas > 1:
+            known = tf.get_static_value(replica)  # static slices, where the id is known
+            replica = int(known) if known is not None else replica
             start, stop = size * replica // replicas, size * (replica + 1) // replicas
             x, eps = x[start:stop], eps[start:stop]
         with tf.GradientTape() as tape:
@@ -638,40 +641,41 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_shards(strategy_name: str) -> int:
-    """--shards by default: 2 pieces a batch on one device, where it is a CPU of 2 or
-    more cores (no GPU), else 1."""
-    if (strategy_name != "default" or tf.config.list_physical_devices("GPU")
-            or available_cores() < 2):
-        return 1
-    return 2
+def setup_shards(requested: int | None = None, strategy_name: str = "default") -> int:
+    """How many shards to cut each batch into, with TensorFlow's threads set for them.
 
-
-def share_cores(shards: int) -> None:
-    """Let TensorFlow run `shards` ops at once, with the cores shared among them.
-
-    By default it runs as many ops at once as there are cores, and spreads each op over
-    every core. But a train step is mostly one long chain of ops, each too small to split
-    well: a convolution on two cores spends much of its time waiting for the other half.
-    With the batch cut in two (`elbo_sum`) and one core an op, the halves run side by
-    side, a core each: on 2 cores a step takes about a fifth less time. TensorFlow takes
-    this only before it starts; after that (a second run in one process) it keeps what
-    it has.
+    `requested` is --shards; by default, 2 on one device where that is a CPU of 2 or more
+    cores (no GPU), else 1. For more than one, TensorFlow runs that many ops at once, the
+    cores shared among them. By default it runs as many ops at once as there are cores,
+    and spreads each op over every core. But a train step is mostly one long chain of
+    ops, each too small to split well: a convolution on two cores spends much of its time
+    waiting for the other half. With the batch cut in two (`elbo_sum`) and one core an
+    op, the halves run side by side, a core each: on 2 cores a step takes about a fifth
+    less time. TensorFlow takes thread settings only before it starts; if it has started
+    with others (a notebook's kernel, a test), the default falls back to 1 shard, which
+    is faster than 2 with TensorFlow's default threads.
     """
+    default = 2 if (strategy_name == "default" and available_cores() >= 2
+                    and not tf.config.list_physical_devices("GPU")) else 1
+    shards = requested or default
     if shards == 1:
-        return
+        return 1
+    threads = (shards, max(1, available_cores() // shards))  # inter-op, intra-op
     try:
-        tf.config.threading.set_inter_op_parallelism_threads(shards)
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, available_cores() // shards))
+        tf.config.threading.set_inter_op_parallelism_threads(threads[0])
+        tf.config.threading.set_intra_op_parallelism_threads(threads[1])
     except RuntimeError:  # TensorFlow has started
-        pass
+        started_with = (tf.config.threading.get_inter_op_parallelism_threads(),
+                        tf.config.threading.get_intra_op_parallelism_threads())
+        if started_with != threads and requested is None:
+            return 1
+    return shards
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    shards = args.shards or default_shards(args.strategy)
-    share_cores(shards)
+    shards = setup_shards(args.shards, args.strategy)  # before TensorFlow starts
     strategy = make_strategy(args.strategy, args.devices)
     run = prepare_run(args, cli.explicit_flags(parser, argv))
     config, out_dir = run.config, run.out_dir

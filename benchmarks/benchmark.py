@@ -37,7 +37,9 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
@@ -52,6 +54,7 @@ import train  # noqa: E402
 IMPORTED = time.perf_counter()
 BATCH_SIZE = train.BATCH_SIZE
 VARIANTS = ("tutorial", "fp32 1/call", "fp32 1 shard", "fp32", "bf16")
+WHOLE_BATCH = ("tutorial", "fp32 1/call", "fp32 1 shard")  # --shards 1; the rest train.py's default
 MATMUL_SIZE = 2048
 
 
@@ -134,11 +137,6 @@ def tutorial_loss(model: network.CVAE, x: tf.Tensor) -> tf.Tensor:
     return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 
-def variant_shards(name: str) -> int:
-    """The --shards a variant runs with: train.py's default from "fp32" on."""
-    return 1 if name in ("tutorial", "fp32 1/call", "fp32 1 shard") else train.default_shards("default")
-
-
 class Variant:
     """A model and optimizer set up one variant's way, with its three timed jobs:
     `steps(n)` (the compiled step alone), `epoch(number)` and `evaluate()`."""
@@ -147,7 +145,8 @@ class Variant:
     epoch: Callable[[int], None]
     evaluate: Callable[[], float]
 
-    def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray) -> None:
+    def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
+                 shards: int) -> None:
         self.name = name
         tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
         self.model = network.CVAE(train.LATENT_DIM, "bf16" if name == "bf16" else "fp32")
@@ -159,7 +158,7 @@ class Variant:
         else:
             self._port(train_images, test_images,
                        steps_per_call=1 if name == "fp32 1/call" else train.STEPS_PER_CALL,
-                       shards=variant_shards(name))
+                       shards=shards)
 
     def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
         model, optimizer = self.model, self.optimizer
@@ -224,15 +223,15 @@ def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object
     return time.perf_counter() - start, result
 
 
-def serve(name: str, data: str | None, train_size: int | None, connection) -> None:
+def serve(name: str, data: str | None, train_size: int | None, connection: Connection) -> None:
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
-    train.share_cores(variant_shards(name))  # before TensorFlow starts
+    shards = train.setup_shards(1 if name in WHOLE_BATCH else None)  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size)
-    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images))
+    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
     variant.steps(1)
     connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
-                     "import_seconds": IMPORTED - LAUNCHED,
+                     "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
                      "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
     jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
     while (command := connection.recv()) != ("stop",):
@@ -251,9 +250,10 @@ class Worker:
         self.process = multiprocessing.get_context("spawn").Process(
             target=serve, args=(name, data, train_size, child_end), daemon=True)
         self.process.start()
-        self.ready = self._answer()
+        child_end.close()  # the child's alone now: its end closes when it stops
+        self.ready: dict = self._answer()
 
-    def _answer(self) -> object:
+    def _answer(self) -> Any:
         try:
             return self.connection.recv()
         except EOFError:
@@ -261,7 +261,7 @@ class Worker:
             raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
                                   f"{self.process.exitcode})") from None
 
-    def ask(self, *command: object) -> object:
+    def ask(self, *command: object) -> Any:
         """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
         self.connection.send(command)
         return self._answer()
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # from a process's launch to the end of the first step train.py would take.
     workers = {name: Worker(name, data, args.train_size) for name in names}
     first = workers.get("fp32") or next(iter(workers.values()))
-    startup = {key: value for key, value in first.ready.items() if key != "flops_per_step"}
+    startup = {key: first.ready[key] for key in ("to_first_step_seconds", "import_seconds")}
     print(f"Start-up ({first.name}): {startup['to_first_step_seconds']:.1f} s from launch to the "
           f"first step (imports {startup['import_seconds']:.1f} s)")
 
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "settings": {"batch_size": BATCH_SIZE, "train_images": len(train_images),
                      "test_images": len(test_images), "repeats": args.repeats, "steps": args.steps,
                      "steps_per_call": train.STEPS_PER_CALL,
-                     "shards": {name: variant_shards(name) for name in names}},
+                     "shards": {name: worker.ready["shards"] for name, worker in workers.items()}},
         "startup": startup,
         "matmul_gflops": {"fp32": gflops_fp32, "bf16": gflops_bf16},
         "train_flops_per_step": flops_per_step,

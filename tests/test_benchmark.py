@@ -6,9 +6,11 @@ import json
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import ROOT, own_stderr, run_script
 
+import cli
 import network
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -57,6 +59,8 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     assert [row["variant"] for row in report["table"]] == list(benchmark.VARIANTS)
     for row in report["table"]:
         assert row["ms_per_step"] > 0 and row["epoch_seconds"] > 0 and row["eval_seconds"] > 0
+        assert row["peak_memory_gib"] > 0.1  # each variant's own process
+    assert all(report["settings"]["shards"][name] == 1 for name in benchmark.WHOLE_BATCH)
     assert report["table"][0]["epoch_ratio"] == 1.0
     assert report["matmul_gflops"]["fp32"] > 0 and report["startup"]["to_first_step_seconds"] > 0
     assert report["train_flops_per_step"] == 32 * benchmark.train_flops_per_image(network.CVAE(2))
@@ -68,3 +72,8 @@ def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
     assert result.returncode == 2
     lines = own_stderr(result.stderr)
     assert len(lines) == 1 and "unknown 'fp64'" in lines[0], lines
+
+
+def test_a_variant_whose_process_dies_is_one_error_not_a_hang(tmp_path):
+    with pytest.raises(cli.ScriptError, match="fp32 variant's process stopped"):
+        benchmark.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data

@@ -1,14 +1,17 @@
-"""The loop and its outputs, in process, on tiny data."""
+"""The loop and its outputs, on tiny data (in process, but for the thread settings)."""
 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from statistics import NormalDist
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 
 import dataset
 import network
@@ -76,3 +79,36 @@ def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
     train.save_gif([train.grid_path(tmp_path, e) for e in range(3)], tmp_path / "cvae.gif")
     assert iio.imread(tmp_path / "cvae.gif", index=None).shape[0] == 3
 
+
+
+SHARDS_AND_THREADS = """
+import sys
+import tensorflow as tf
+import train
+if sys.argv[1] == "started":
+    tf.constant(1.0) + 1.0  # TensorFlow starts with its default threads
+shards = train.setup_shards(int(sys.argv[2]) or None)
+print(shards, tf.config.threading.get_inter_op_parallelism_threads(),
+      tf.config.threading.get_intra_op_parallelism_threads(), train.available_cores())
+"""
+
+
+@pytest.mark.parametrize("when, requested", [("fresh", 0), ("fresh", 1), ("started", 0),
+                                             ("started", 2)])
+def test_setup_shards_sets_the_threads_or_falls_back(when, requested):
+    result = subprocess.run([sys.executable, "-c", SHARDS_AND_THREADS, when, str(requested)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shards, inter, intra, cores = map(int, result.stdout.split())
+    default = 2 if cores >= 2 and not tf.config.list_physical_devices("GPU") else 1
+    if when == "fresh":
+        assert shards == (requested or default)
+        # With more than one shard: an op per shard at once, the cores shared among them.
+        assert (inter, intra) == ((shards, cores // shards) if shards > 1 else (0, 0))
+    else:  # too late to set the threads: the default is 1 shard, a request stands
+        assert (inter, intra) == (0, 0)
+        assert shards == (requested or 1)
+
+
+def test_the_default_is_one_shard_under_a_strategy():
+    assert train.setup_shards(None, "mirrored") == 1  # each replica's share stays whole
