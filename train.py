@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 # The train steps, and the test-set ELBO
 
 
+def _slice(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Tensor:
+    """The `index`-th of `count` consecutive, near-equal slices of `tensor`'s first axis."""
+    size = tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]
+    return tensor[size * index // count:size * (index + 1) // count]
+
+
 def elbo_sum(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str = "mc",
              shards: int = 1) -> tf.Tensor:
     """The single-sample ELBO of the images `x` (noise `eps`), summed, in `shards` pieces.
@@ -139,13 +145,12 @@ def elbo_sum(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str = "mc",
     and backward: see `setup_shards`. With two, every sum of the step still adds two
     numbers at a time, so a run repeats bit for bit (network.py).
     """
-    size = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-    if isinstance(size, int):
-        shards = max(1, min(shards, size))  # no empty piece (a small last batch)
+    if x.shape[0] is not None:
+        shards = max(1, min(shards, x.shape[0]))  # no empty piece (a small last batch)
     total = None
     for piece in range(shards):
-        start, stop = size * piece // shards, size * (piece + 1) // shards
-        part = tf.reduce_sum(network.elbo_per_example(model, x[start:stop], eps[start:stop], kl))
+        part = tf.reduce_sum(network.elbo_per_example(
+            model, _slice(x, piece, shards), _slice(eps, piece, shards), kl))
         total = part if total is None else total + part
     return total
 
@@ -175,8 +180,7 @@ def make_train_function(model: network.CVAE, optimizer: tf.keras.optimizers.Opti
         if replicas > 1:
             known = tf.get_static_value(replica)  # static slices, where the id is known
             replica = int(known) if known is not None else replica
-            start, stop = size * replica // replicas, size * (replica + 1) // replicas
-            x, eps = x[start:stop], eps[start:stop]
+            x, eps = _slice(x, replica, replicas), _slice(eps, replica, replicas)
         with tf.GradientTape() as tape:
             loss = -elbo_sum(model, x, eps, kl, shards) / size
         gradients = tape.gradient(loss, model.trainable_variables)
@@ -655,12 +659,12 @@ def setup_shards(requested: int | None = None, strategy_name: str = "default") -
     with others (a notebook's kernel, a test), the default falls back to 1 shard, which
     is faster than 2 with TensorFlow's default threads.
     """
-    default = 2 if (strategy_name == "default" and available_cores() >= 2
-                    and not tf.config.list_physical_devices("GPU")) else 1
-    shards = requested or default
+    cores = available_cores()
+    shards = requested or (2 if strategy_name == "default" and cores >= 2
+                           and not tf.config.list_physical_devices("GPU") else 1)
     if shards == 1:
         return 1
-    threads = (shards, max(1, available_cores() // shards))  # inter-op, intra-op
+    threads = (shards, max(1, cores // shards))  # inter-op, intra-op
     try:
         tf.config.threading.set_inter_op_parallelism_threads(threads[0])
         tf.config.threading.set_intra_op_parallelism_threads(threads[1])

@@ -53,8 +53,13 @@ import train  # noqa: E402
 
 IMPORTED = time.perf_counter()
 BATCH_SIZE = train.BATCH_SIZE
-VARIANTS = ("tutorial", "fp32 1/call", "fp32 1 shard", "fp32", "bf16")
-WHOLE_BATCH = ("tutorial", "fp32 1/call", "fp32 1 shard")  # --shards 1; the rest train.py's default
+# Each variant's (--precision, steps per call, --shards); None: train.py's default.
+SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
+            "fp32 1 shard": ("fp32", train.STEPS_PER_CALL, 1),
+            "fp32": ("fp32", train.STEPS_PER_CALL, None),
+            "bf16": ("bf16", train.STEPS_PER_CALL, None)}
+VARIANTS = tuple(SETTINGS)
+WHOLE_BATCH = tuple(name for name, (_, _, shards) in SETTINGS.items() if shards == 1)
 MATMUL_SIZE = 2048
 
 
@@ -149,7 +154,8 @@ class Variant:
                  shards: int) -> None:
         self.name = name
         tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
-        self.model = network.CVAE(train.LATENT_DIM, "bf16" if name == "bf16" else "fp32")
+        precision, steps_per_call, _ = SETTINGS[name]
+        self.model = network.CVAE(train.LATENT_DIM, precision)
         self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
         self.optimizer.build(self.model.trainable_variables)
         if name == "tutorial":
@@ -157,8 +163,7 @@ class Variant:
             self._tutorial(train_images, test_images)
         else:
             self._port(train_images, test_images,
-                       steps_per_call=1 if name == "fp32 1/call" else train.STEPS_PER_CALL,
-                       shards=shards)
+                       steps_per_call=steps_per_call, shards=shards)
 
     def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
         model, optimizer = self.model, self.optimizer
@@ -226,7 +231,7 @@ def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object
 def serve(name: str, data: str | None, train_size: int | None, connection: Connection) -> None:
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
-    shards = train.setup_shards(1 if name in WHOLE_BATCH else None)  # before TensorFlow starts
+    shards = train.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size)
     variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
     variant.steps(1)
