@@ -1,5 +1,8 @@
-"""What every script here shares: flags with their defaults in --help, one-line
-errors (exit code 2 for bad input, no traceback), and files written whole."""
+"""What every script here shares: a quiet start, flags with their defaults in --help,
+one-line errors (exit code 2 for bad input, no traceback), and files written whole.
+
+Import it before TensorFlow (ruff's isort keeps it first): it loads TensorFlow quietly.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,38 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: C++ libraries write there, not to sys.stderr."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _load_tensorflow_quietly() -> None:
+    """Load TensorFlow and find its devices without its C++ start-up logs (oneDNN and
+    CUDA notices), and log only its errors from then on; TF_CPP_MIN_LOG_LEVEL=0 or 1
+    keeps every line."""
+    os.environ.setdefault(TF_LOG_LEVEL, "2")
+    if os.environ[TF_LOG_LEVEL] in ("0", "1"):
+        return
+    with _stderr_silenced():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+_load_tensorflow_quietly()
 
 
 class ScriptError(Exception):

@@ -3,22 +3,32 @@
 #
 # The TensorFlow tutorial, top to bottom, as one notebook-style script. It trains a
 # convolutional variational autoencoder (VAE) on binarized MNIST, then draws digits
-# from what it learned. The code lives in three modules, and each cell below calls them:
-# `dataset.py` (data), `network.py` (model and loss), `train.py` (loop and pictures).
+# from what it learned. The tutorial's `train_step` and training loop are in the cells
+# below; the rest comes from the modules: `dataset.py` (data), `network.py` (the model and
+# `compute_loss`), `pictures.py` (the grid, the GIF, the manifold), `run_folder.py` and
+# `run_log.py` (the run folder, checkpoints and metrics).
 #
 # Run it as `python cvae_tensorflow.py` (it takes train.py's flags, such as
 # `--data mnist.npz` for an offline copy), or open it as a notebook: Jupyter with
-# jupytext, VS Code and PyCharm all read the `# %%` cells.
+# jupytext, VS Code and PyCharm all read the `# %%` cells. It takes one step per
+# `tf.function` call, as the tutorial does; `python train.py` compiles 50 a call.
 
 # %%
 import sys
+import time
 from pathlib import Path
+
+import cli
 
 import tensorflow as tf
 
-import cli
 import dataset
+import distribute
 import network
+import pictures
+import run_folder
+import run_log
+import speedups
 import train
 
 
@@ -46,20 +56,23 @@ parser = train.build_parser()
 parser.set_defaults(out_dir=NOTEBOOK_DIR)
 args, _ = parser.parse_known_args()
 args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
+if args.strategy != "default":
+    raise cli.UserError("the notebook runs on one device; use python train.py for --strategy")
 # On a CPU, each batch is computed in two pieces side by side (--shards; see
-# train.setup_shards). TensorFlow takes its thread settings only before it starts.
-shards = train.setup_shards(args.shards)
+# speedups.setup_shards). TensorFlow takes its thread settings only before it starts.
+shards = speedups.setup_shards(args.shards)
+print(distribute.describe(tf.distribute.get_strategy(), shards))
 
 # %% [markdown]
 # ## Load the MNIST dataset
 #
 # Each 28x28 image is a grid of grey levels. We binarize them statically (a pixel is 1
 # where its grey level is above half, else 0) and model each pixel as a Bernoulli
-# variable. `train.prepare_run` loads and checks MNIST (`dataset.load_mnist`), binarizes
-# it (`dataset.binarize`) and sets up the run folder.
+# variable. `run_folder.prepare_run` loads and checks MNIST (`dataset.load_mnist`),
+# binarizes it (`dataset.binarize`) and sets up the run folder.
 
 # %%
-run = train.prepare_run(args, cli.explicit_flags(parser, sys.argv[1:]))
+run = run_folder.prepare_run(args, cli.explicit_flags(parser, sys.argv[1:]))
 config, out_dir, train_images, test_images = run.config, run.out_dir, run.train_images, run.test_images
 print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}; writing to {out_dir}/")
 dataset.save_preview(train_images[:32], run.train_labels[:32], out_dir / "dataset_preview.png")
@@ -85,57 +98,109 @@ model.encoder.summary()
 model.decoder.summary()
 
 # %% [markdown]
-# ## The loss and the optimizer
+# ## Define the loss function and the optimizer
 #
 # VAEs train by maximizing the evidence lower bound (ELBO) on the log-likelihood:
 # log p(x) >= E_q[log p(x|z) + log p(z) - log q(z|x)]. We estimate it with a single
-# sample z from q(z|x) (`network.compute_loss` returns its negative, the loss).
-# Analytic KL terms exist for these Gaussians, but the single-sample Monte Carlo
-# estimate keeps all three terms in one formula, as in the tutorial.
+# sample z from q(z|x): `network.compute_loss` returns its negative, the loss, built from
+# `network.log_normal_pdf` as in the tutorial. Analytic KL terms exist for these
+# Gaussians (`--kl analytic`), but the single-sample Monte Carlo estimate keeps all three
+# terms in one formula.
+#
+# `train_step` computes the loss and its gradients with a `tf.GradientTape`, then updates
+# the weights. Here it takes the batch's noise `eps` from the run's random generator (so a
+# seed repeats a run), and `train.batch_loss` calls `compute_loss` on each shard.
 
 # %%
 optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
 print(f"loss of the untrained model on 32 images: "
       f"{float(network.compute_loss(model, train_images[:32])):.1f}")
 
+
+@tf.function
+def train_step(model, x, optimizer, eps):
+    """Executes one training step and returns the loss."""
+    with tf.GradientTape() as tape:
+        loss = train.batch_loss(model, x, eps, config["kl"], shards)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return loss
+
+
 # %% [markdown]
 # ## Training
 #
-# Each step encodes a batch, draws z with the reparameterization trick, decodes it, and
-# takes a gradient step on the loss (a custom `tf.GradientTape` step, compiled with
-# `tf.function`, 50 steps a call: `train.make_train_function`). Before training and
-# after each epoch, 16 fixed test digits are passed through the model and saved as a
-# 4x4 grid.
+# Before training and after each epoch, 16 fixed test digits (`test_sample`) are encoded,
+# sampled with fixed noise (`random_vector_for_generation`) and decoded into a 4x4 grid.
+# `run_log.RunLog` holds these and the random generator of all the noise, and writes
+# metrics.csv, TensorBoard and a checkpoint after each epoch, so `--resume` continues a
+# stopped notebook run.
 
 # %%
-metrics = train.fit(model, optimizer, train_images, test_images, epochs=config["epochs"],
-                    batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-                    resume_from=run.resume_from, kl=config["kl"], shards=shards)
+epochs = config["epochs"]
+latent_dim = config["latent_dim"]
+num_examples_to_generate = pictures.NUM_EXAMPLES_TO_GENERATE
+log = run_log.RunLog(model, optimizer, test_images, config["seed"], out_dir)
+test_sample, random_vector_for_generation = log.test_sample, log.sample_eps
+train_dataset = tf.constant(train_images)  # shuffled and batched every epoch, below
+test_dataset = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
 
-# %% [markdown]
-# ## A generated image from the last training epoch
+
+def end_epoch(epoch: int, elbo: float, **figures: float) -> None:
+    pictures.generate_and_save_images(model, epoch, test_sample, random_vector_for_generation, out_dir)
+    log.end_epoch(epoch, {"epoch": epoch, "test_elbo": round(elbo, 4), **figures})
+
 
 # %%
-show(train.grid_path(out_dir, config["epochs"]))
+done = log.restore(run.resume_from, epochs) if run.resume_from else 0
+if not run.resume_from:
+    end_epoch(0, train.test_set_elbo(model, test_dataset, log.rng, config["kl"], shards))
+
+for epoch in range(done + 1, epochs + 1):
+    train_loss = tf.keras.metrics.Mean()
+    start_time = time.time()
+    for train_x in dataset.make_batches(dataset.epoch_images(train_dataset, config["seed"], epoch),
+                                        config["batch_size"]):
+        eps = log.rng.normal((len(train_x), latent_dim))
+        train_loss(train_step(model, train_x, optimizer, eps), sample_weight=len(train_x))
+    end_time = time.time()
+
+    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"], shards)
+    seconds = end_time - start_time
+    print(f"Epoch: {epoch}, Test set ELBO: {elbo:.2f}, "
+          f"time elapse for current epoch: {seconds:.1f} s")
+    end_epoch(epoch, elbo, train_loss=round(float(train_loss.result()), 4),
+              seconds=round(seconds, 3), images_per_second=round(len(train_images) / seconds, 1))
 
 # %% [markdown]
-# ## An animated GIF of all the saved images
+# ## Display a generated image from the last training epoch
+
 
 # %%
-train.save_gif([train.grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)],
-               out_dir / "cvae.gif")
-show(out_dir / "cvae.gif")
+def display_image(epoch_no: int) -> None:
+    show(pictures.grid_path(out_dir, epoch_no))
+
+
+display_image(epochs)
 
 # %% [markdown]
-# ## A 2D manifold of digits from the latent space
+# ## Display an animated GIF of all the saved images
+
+# %%
+anim_file = out_dir / "cvae.gif"
+pictures.save_gif([pictures.grid_path(out_dir, epoch) for epoch in range(epochs + 1)], anim_file)
+show(anim_file)
+
+# %% [markdown]
+# ## Display a 2D manifold of digits from the latent space
 #
 # With a two-dimensional latent space we can decode a grid of points spread evenly
 # over the prior (its quantiles 0.05..0.95 on each axis) and watch the digits morph
 # into one another.
 
 # %%
-if config["latent_dim"] == 2:
-    train.save_latent_manifold(model, out_dir / "latent_manifold.png")
+if latent_dim == 2:
+    pictures.save_latent_images(model, out_dir / "latent_manifold.png")
     show(out_dir / "latent_manifold.png")
 else:
     print("The manifold needs a two-dimensional latent space (--latent-dim 2).")

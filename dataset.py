@@ -11,6 +11,7 @@ Where the data comes from, first match wins:
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import os
@@ -19,11 +20,14 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import tensorflow as tf
-
 import cli
 from cli import UserError
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+
+import pictures
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -40,6 +44,15 @@ TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes; 3 dims for images, 1 for labels
 
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, 28, 28), labels uint8 (N,))
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """--data and --dataset: where the data comes from."""
+    parser.add_argument("--data", default=None,
+                        help=f"Keras .npz or folder of MNIST IDX files; default ${DATA_ENV_VAR}, "
+                             f"else the Keras download")
+    parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
+                        help="which Keras download to use when no --data is given")
 
 
 # ----------------------------------------------------------------------------
@@ -204,9 +217,8 @@ def epoch_images(images: tf.Tensor, seed: int, epoch: int) -> tf.Tensor:
 
 def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Batches of `images` as stored; the last may be smaller."""
-    # The images are in memory already, so slicing a batch costs microseconds and tf.data's
-    # autotuner has nothing to tune; left on, it made each epoch's iterator take up to 18 s
-    # to shut down, as its optimization thread backs off for longer the longer it runs.
+    # In memory, a batch is a slice: the autotuner has nothing to tune, and its thread
+    # stalls the iterator's shutdown (docs/speed.md#in-memory-batches).
     options = tf.data.Options()
     options.autotune.enabled = False
     return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).with_options(options)
@@ -218,27 +230,15 @@ def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dat
 
 def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, columns: int = 8) -> None:
     """A grid of binarized digits, each titled with its label."""
-    from matplotlib.figure import Figure
-
-    rows = -(-len(images) // columns)
-    figure = Figure(figsize=(columns * 1.1, rows * 1.3))
-    for i, axes in enumerate(figure.subplots(rows, columns).flat):
-        axes.axis("off")
-        if i < len(images):
-            axes.imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=1)
-            axes.set_title(str(labels[i]), fontsize=10)
+    figure = Figure(figsize=(columns * 1.1, -(-len(images) // columns) * 1.3))
+    pictures.image_grid(figure, images, columns, [str(label) for label in labels])
     figure.suptitle("Binarized training images (label above each)")
-    with cli.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+    pictures.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.ArgumentParser(description="Inspect MNIST as the CVAE sees it.")
-    parser.add_argument("--data", default=None,
-                        help=f"Keras .npz or folder of IDX files; default ${DATA_ENV_VAR}, "
-                             "else the Keras download")
-    parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
-                        help="which Keras download to use when no --data is given")
+    add_data_flags(parser)
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")

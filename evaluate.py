@@ -23,16 +23,21 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import cli
+
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-import cli
 import dataset
+import distribute
 import network
-import train
+import pictures
+import run_folder
+import speedups
 
 IW_SAMPLES = 100
+BATCH_SIZE = 1000  # test images per call (the IWAE bound's: see below)
 # Decoded images per call of the IWAE bound: the K samples are taken in chunks, so memory
 # stays bounded (a few hundred MB) whatever K is.
 DECODES_PER_CALL = 4096
@@ -40,7 +45,7 @@ DECODES_PER_CALL = 4096
 
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description="Evaluate a trained CVAE run and draw its pictures.")
-    parser.add_argument("--out-dir", default=train.OUT_DIR, help="the run folder to evaluate")
+    parser.add_argument("--out-dir", default=run_folder.OUT_DIR, help="the run folder to evaluate")
     parser.add_argument("--iw-samples", type=cli.positive_int, default=IW_SAMPLES,
                         help="K, the samples per image of the importance-weighted bound")
     parser.add_argument("--test-size", type=cli.positive_int, default=None,
@@ -55,17 +60,36 @@ def build_parser() -> cli.ArgumentParser:
 # The figures
 
 
+def log_weight_terms(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor
+                     ) -> tuple[tuple[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """log p(x|z_k), log p(z_k) and log q(z_k|x) for K draws z_k per image from `eps`
+    (batch, K, latent), each (batch, K); and q(z|x)'s (mean, logvar). Their sum
+    log p(x|z_k) + log p(z_k) - log q(z_k|x) is an importance weight; for K = 1, the ELBO."""
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean[:, tf.newaxis], logvar[:, tf.newaxis], eps)  # (batch, K, latent)
+    batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
+    x_logit = model.decode(tf.reshape(z, (batch * k, model.latent_dim)))
+    logpx_z = tf.reshape(speedups.bernoulli_log_likelihood(x_logit, tf.repeat(x, k, axis=0)), (batch, k))
+    logpz = network.log_normal_pdf(z, 0.0, 0.0, raxis=2)
+    logqz_x = network.log_normal_pdf(z, mean[:, tf.newaxis], logvar[:, tf.newaxis], raxis=2)
+    return (logpx_z, logpz, logqz_x), (mean, logvar)
+
+
 @tf.function
 def _elbo_parts(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, kl: str):
+    """Each image's log p(x|z) and KL term, from one z ~ q(z|x): ELBO = first - second."""
     eps = rng.normal((tf.shape(x)[0], model.latent_dim))
-    return network.elbo_parts(model, x, eps, kl)
+    (logpx_z, logpz, logqz_x), (mean, logvar) = log_weight_terms(model, x, eps[:, tf.newaxis])
+    kl_term = speedups.analytic_kl(mean, logvar) if kl == "analytic" else (logqz_x - logpz)[:, 0]
+    return logpx_z[:, 0], kl_term
 
 
 @tf.function
 def _iwae_chunk(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, k: int) -> tf.Tensor:
     """log-sum-exp over `k` importance weights of each image in `x`: (batch,)."""
     eps = rng.normal((tf.shape(x)[0], k, model.latent_dim))
-    return tf.reduce_logsumexp(network.log_importance_weights(model, x, eps), axis=1)
+    (logpx_z, logpz, logqz_x), _ = log_weight_terms(model, x, eps)
+    return tf.reduce_logsumexp(logpx_z + logpz - logqz_x, axis=1)
 
 
 def iwae_bound(model: network.CVAE, x: tf.Tensor, rng: tf.random.Generator, k: int) -> np.ndarray:
@@ -94,7 +118,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     rng = tf.random.Generator.from_seed(seed)
     logpx_z, kl_term, iwae = [], [], []
     # Images per call of the IWAE bound: at least one, and K of them fit DECODES_PER_CALL.
-    batch = max(1, min(train.EVAL_BATCH_SIZE, DECODES_PER_CALL // iw_samples))
+    batch = max(1, min(BATCH_SIZE, DECODES_PER_CALL // iw_samples))
     for x in dataset.make_batches(images, batch):
         parts = _elbo_parts(model, rng, x, kl)
         logpx_z.append(parts[0].numpy())
@@ -112,7 +136,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
 
 
 def save_figure(figure: Figure, path: Path) -> None:
-    train.save_figure(figure, path, bbox_inches="tight")
+    pictures.save_figure(figure, path, bbox_inches="tight")
 
 
 def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, count: int = 32,
@@ -125,7 +149,7 @@ def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, co
     for start in range(0, len(originals), columns):
         rows += [originals[start:start + columns], reconstructions[start:start + columns]]
     figure = Figure(figsize=(columns, len(rows) * 1.05))
-    train.image_grid(figure, np.concatenate(rows), columns)
+    pictures.image_grid(figure, np.concatenate(rows), columns)
     figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
     save_figure(figure, path)
 
@@ -133,7 +157,7 @@ def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, co
 def save_prior_samples(model: network.CVAE, path: Path, seed: int, count: int = 64) -> None:
     z = tf.random.stateless_normal((count, model.latent_dim), seed=(seed, 1))
     figure = Figure(figsize=(8, 8.4))
-    train.image_grid(figure, model.sample(z).numpy(), 8)
+    pictures.image_grid(figure, model.sample(z).numpy(), 8)
     figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
     save_figure(figure, path)
 
@@ -142,7 +166,7 @@ def save_latent_space(model: network.CVAE, images: np.ndarray, labels: np.ndarra
     """The test set's latent means, coloured by label; the first two principal components
     when the latent space has more than two dimensions."""
     means = np.concatenate([model.encode(x)[0].numpy()
-                            for x in dataset.make_batches(images, train.EVAL_BATCH_SIZE)])
+                            for x in dataset.make_batches(images, BATCH_SIZE)])
     if means.shape[1] == 1:
         points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
         title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
@@ -178,7 +202,7 @@ def save_interpolation(model: network.CVAE, images: np.ndarray, labels: np.ndarr
     row = np.concatenate([images[[first]], decoded, images[[other]]])
     titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights[:, 0]] + [f"test {labels[other]}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
-    train.image_grid(figure, row, len(row), titles)
+    pictures.image_grid(figure, row, len(row), titles)
     figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
     save_figure(figure, path)
 
@@ -205,14 +229,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
         raise cli.UserError(f"--out-dir {out_dir}: no such folder")
-    config = train.load_config(out_dir)
+    config = run_folder.load_config(out_dir)
     cli.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
-    checkpoint_path, epoch = train.latest_intact_checkpoint(out_dir / "checkpoints")
+    checkpoint_path, epoch = run_folder.latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
 
     source = args.data or config["data"]
-    _, (test_images, test_labels), _ = train.load_run_data(config, source, out_dir, check=True)
+    _, (test_images, test_labels), _ = run_folder.load_run_data(config, source, out_dir, check=True)
     if args.test_size is not None:
         if args.test_size > len(test_images):
             raise cli.UserError(f"--test-size {args.test_size} is larger than the run's "
@@ -226,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = network.CVAE(config["latent_dim"], config["precision"])
     tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
     ).assert_existing_objects_matched()
+    print(distribute.describe(tf.distribute.get_strategy()))
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")
 
@@ -250,11 +275,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
     save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png")
     save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png")
-    save_training_curves(train.read_metrics(out_dir / "metrics.csv"), out_dir / "training_curves.png")
+    save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"), out_dir / "training_curves.png")
     written = ["evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
                "interpolation.png", "training_curves.png"]
     if config["latent_dim"] == 2:
-        train.save_latent_manifold(model, out_dir / "latent_manifold.png")
+        pictures.save_latent_images(model, out_dir / "latent_manifold.png")
         written.append("latent_manifold.png")
     print(f"Wrote {', '.join(written)} in {out_dir}/")
 

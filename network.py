@@ -1,8 +1,9 @@
-"""The tutorial's convolutional VAE and the maths of its loss.
+"""The tutorial's convolutional VAE and its loss.
 
-The encoder maps an image x to a diagonal Gaussian q(z|x) (a mean and a log-variance);
-the decoder maps a latent z to 28x28 Bernoulli logits p(x|z); the prior p(z) is N(0, I).
-Training maximizes the ELBO, estimated with one sample of z per image.
+The encoder maps an image x to a diagonal Gaussian q(z|x) = N(mean, exp(logvar)); the
+decoder maps a latent z to the logits of 28x28 Bernoulli pixels, p(x|z); the prior p(z)
+is N(0, I). Training maximizes the ELBO, log p(x|z) + log p(z) - log q(z|x), estimated
+with one sample z ~ q(z|x) per image; the loss is its negative, averaged over the batch.
 
     python network.py                    # summaries, parameter counts, a forward pass
 """
@@ -11,87 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cli
+
 import numpy as np
 import tensorflow as tf
 
-import cli
+import speedups
 
 LATENT_DIM = 2
 IMAGE_SHAPE = (28, 28, 1)
-LOG_2PI = float(np.log(2.0 * np.pi))
-# --precision: the Keras dtype policy of the convolutions. With bf16 they compute in
-# bfloat16 (the variables stay float32); the layers at the latent code (the encoder's
-# output, the decoder's input) and the logits layer stay float32, so z, its sampling and
-# the ELBO keep float32 precision.
+# --precision: the Keras dtype policy of the hidden layers. The layers at the latent code
+# and the logits layer stay float32, so z, its sampling and the loss keep float32.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-
-
-@tf.custom_gradient
-def _add_bias(outputs: tf.Tensor, bias: tf.Tensor) -> tuple[tf.Tensor, object]:
-    """outputs + bias (over the last axis), with the bias gradient summed in float32."""
-    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        all_but_channels = list(range(len(upstream.shape) - 1))
-        bias_gradient = tf.reduce_sum(tf.cast(upstream, tf.float32), axis=all_but_channels)
-        return upstream, tf.cast(bias_gradient, bias.dtype)
-    return outputs + bias, gradients
-
-
-class _Convolution:
-    """Keras' convolution layers, with our own call where it must differ: in bfloat16, and
-    where `_convolve` has a faster way than Keras'. Same variables, same results (to float
-    rounding).
-
-    In bfloat16 the bias is added with _add_bias. TensorFlow's CPU kernel for the gradient
-    of a bias (BiasAddGrad) adds bfloat16 numbers in bfloat16, so the sum over a batch of
-    feature maps stalls (512 instead of 25,088 for a batch of 32 ones): those biases barely
-    learn, and a bf16 run ended 2.3 nats below float32.
-    """
-
-    def _has_faster_convolution(self) -> bool:
-        return False
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        bfloat16 = self.compute_dtype == "bfloat16"
-        if not (bfloat16 or self._has_faster_convolution()):
-            return super().call(inputs)
-        outputs = self._convolve(inputs)
-        if self.use_bias:
-            bias = tf.cast(self.bias, outputs.dtype)
-            outputs = _add_bias(outputs, bias) if bfloat16 else outputs + bias
-        return self.activation(outputs)
-
-
-class Conv2D(_Convolution, tf.keras.layers.Conv2D):
-    def _convolve(self, inputs: tf.Tensor) -> tf.Tensor:
-        return self.convolution_op(inputs, self.kernel)
-
-
-class Conv2DTranspose(_Convolution, tf.keras.layers.Conv2DTranspose):
-    # False: always Keras' own kernel (the benchmark's tutorial variant runs that way).
-    allow_depthwise = True
-
-    def _has_faster_convolution(self) -> bool:
-        """A stride-1, 'same' transposed convolution to one channel (the decoder's logits
-        layer, odd kernel) is faster as a depthwise convolution, measured on the CPU, where
-        oneDNN runs it at about 12 GFLOP/s: a seventh of a train step and a third of the
-        test ELBO's time."""
-        return (self.allow_depthwise and self.filters == 1 and self.strides == (1, 1)
-                and self.padding == "same"
-                and self.output_padding is None and self.dilation_rate == (1, 1)
-                and self.data_format == "channels_last"
-                and all(size % 2 == 1 for size in self.kernel_size))
-
-    def _convolve(self, inputs: tf.Tensor) -> tf.Tensor:
-        if self._has_faster_convolution():
-            # With stride 1, a transposed convolution is a convolution by the flipped kernel;
-            # to one channel, that is a depthwise one (a filter per input channel), summed.
-            kernel = tf.transpose(self.kernel[::-1, ::-1], (0, 1, 3, 2))  # (rows, cols, in, 1)
-            return tf.reduce_sum(tf.nn.depthwise_conv2d(inputs, kernel, [1, 1, 1, 1], "SAME"),
-                                 axis=-1, keepdims=True)
-        return tf.keras.ops.conv_transpose(
-            inputs, self.kernel, strides=list(self.strides), padding=self.padding,
-            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
-            data_format=self.data_format)
+KL_ESTIMATORS = ("mc", "analytic")
 
 
 class CVAE(tf.keras.Model):
@@ -101,11 +34,13 @@ class CVAE(tf.keras.Model):
         super().__init__()
         self.latent_dim = latent_dim
         hidden = PRECISIONS[precision]
+        # speedups.Conv2D and .Conv2DTranspose are Keras' layers with faster kernels and,
+        # in bf16, a float32 bias gradient: same variables, same maths.
         self.encoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),
-                Conv2D(32, 3, strides=2, activation="relu", dtype=hidden),
-                Conv2D(64, 3, strides=2, activation="relu", dtype=hidden),
+                speedups.Conv2D(32, 3, strides=2, activation="relu", dtype=hidden),
+                speedups.Conv2D(64, 3, strides=2, activation="relu", dtype=hidden),
                 tf.keras.layers.Flatten(dtype=hidden),
                 # No activation: a mean and a log-variance for each latent dimension.
                 tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
@@ -118,10 +53,12 @@ class CVAE(tf.keras.Model):
                 # float32: z in bfloat16 would keep 3 significant digits of the code.
                 tf.keras.layers.Dense(7 * 7 * 32, activation="relu", dtype="float32"),
                 tf.keras.layers.Reshape((7, 7, 32), dtype=hidden),
-                Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu", dtype=hidden),
-                Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu", dtype=hidden),
-                # No activation: logits, for a stable log-likelihood (bernoulli_log_likelihood).
-                Conv2DTranspose(1, 3, strides=1, padding="same", dtype="float32"),
+                speedups.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu",
+                                         dtype=hidden),
+                speedups.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu",
+                                         dtype=hidden),
+                # No activation: logits, for a stable log-likelihood.
+                speedups.Conv2DTranspose(1, 3, strides=1, padding="same", dtype="float32"),
             ],
             name="decoder",
         )
@@ -141,11 +78,8 @@ class CVAE(tf.keras.Model):
     def reparameterize(
         self, mean: tf.Tensor, logvar: tf.Tensor, eps: tf.Tensor | None = None
     ) -> tf.Tensor:
-        """z = mean + sigma * eps with sigma = exp(logvar / 2), eps ~ N(0, I).
-
-        Drawing the noise outside the network keeps z differentiable in mean and logvar.
-        Pass `eps` to fix the noise (tests, reproducible runs); None draws it here.
-        """
+        """z = mean + sigma * eps, sigma = exp(logvar / 2), eps ~ N(0, I): the noise is drawn
+        apart from the network, so z stays differentiable. Pass `eps` to fix the noise."""
         if eps is None:
             eps = tf.random.normal(shape=tf.shape(mean))
         return eps * tf.exp(logvar * 0.5) + mean
@@ -154,8 +88,12 @@ class CVAE(tf.keras.Model):
         """Latents -> logits of p(x|z), or pixel probabilities with `apply_sigmoid`."""
         logits = self.decoder(z)
         if apply_sigmoid:
-            return tf.sigmoid(logits)
+            probs = tf.sigmoid(logits)
+            return probs
         return logits
+
+
+LOG_2PI = float(np.log(2.0 * np.pi))
 
 
 def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis: int = 1) -> tf.Tensor:
@@ -165,101 +103,20 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
     )
 
 
-# ----------------------------------------------------------------------------
-# The ELBO's terms, with gradients that add two numbers at a time
-#
-# Where a tensor feeds three or more ops, autodiff adds their gradients with one AddN op,
-# and TensorFlow's CPU AddN starts its sum from whichever input buffer it may reuse, that
-# is, from whichever input's other readers happen to have finished. With two ops running
-# at once, that order, and so the rounding, changed from run to run: three identical runs
-# gave three different losses. Written as below, no tensor of the train step feeds more
-# than two differentiable ops (tests/test_network.py checks the graph as traced; Grappler
-# could still merge a chain of adds into one AddN, and does not here), and a sum of two
-# is the same in either order, so a seed repeats a run bit for bit at full speed.
-
-
-def bernoulli_log_likelihood(logits: tf.Tensor, x: tf.Tensor, axis: Sequence[int] = (1, 2, 3)) -> tf.Tensor:
-    """log p(x|z) of binary pixels `x` under Bernoulli(sigmoid(logits)), summed over `axis`.
-
-    x * logits - softplus(logits) is -tf.nn.sigmoid_cross_entropy_with_logits (the
-    tutorial's form), as stable, with a gradient of two terms (x - sigmoid(logits)) where
-    that op's has four.
-    """
-    return tf.reduce_sum(x * logits - tf.math.softplus(logits), axis=axis)
-
-
-@tf.custom_gradient
-def monte_carlo_kl(z: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, object]:
-    """The tutorial's single-sample KL estimate log q(z|x) - log p(z) per example, (batch,).
-
-    Its gradient is written out: autodiff would add three gradients at z and at logvar.
-    (Callers get the value; `gradients` is what autodiff uses.)
-    """
-    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        upstream = upstream[:, tf.newaxis]
-        d_mean = (z - mean) * tf.exp(-logvar)  # d log q / d mean, and -d log q / d z
-        d_z = z - d_mean  # d log p / d z is -z
-        d_logvar = 0.5 * ((z - mean) * d_mean - 1.0)
-        return upstream * d_z, upstream * d_mean, upstream * d_logvar
-    return log_normal_pdf(z, mean, logvar) - log_normal_pdf(z, 0.0, 0.0), gradients
-
-
-@tf.custom_gradient
-def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, object]:
-    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per example: (batch,).
-
-    Its gradient is written out: autodiff would add three gradients at logvar.
-    (Callers get the value; `gradients` is what autodiff uses.)
-    """
-    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        upstream = upstream[:, tf.newaxis]
-        return upstream * mean, upstream * 0.5 * (tf.exp(logvar) - 1.0)
-    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1.0 - logvar, axis=1), gradients
-
-
-KL_ESTIMATORS = ("mc", "analytic")
-
-
-def elbo_parts(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
-               kl: str = "mc") -> tuple[tf.Tensor, tf.Tensor]:
-    """The two parts of each image's ELBO, (log p(x|z), KL), each (batch,); ELBO = first - second.
-
-    z is one draw from q(z|x) (noise `eps`, or fresh noise if None). With kl="mc" (the
-    tutorial) the KL is its single-sample estimate log q(z|x) - log p(z); with
-    kl="analytic", its closed form.
-    """
+def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
+    """The negative single-sample ELBO, averaged over the batch: the loss that trains, and
+    minus the test ELBO. `eps` fixes the noise; kl="analytic" takes the KL in closed form."""
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
-    logpx_z = bernoulli_log_likelihood(model.decode(z), x)
+    x_logit = model.decode(z)
+    # = -reduce_sum(sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x), axis=[1, 2, 3])
+    logpx_z = speedups.bernoulli_log_likelihood(x_logit, x)
+    # = log_normal_pdf(z, 0., 0.), log_normal_pdf(z, mean, logvar), gradients written out
+    logpz, logqz_x = speedups.log_normal_pdfs(log_normal_pdf, z, mean, logvar)
+    kl_term = logqz_x - logpz  # the single-sample estimate of KL(q(z|x) || p(z))
     if kl == "analytic":
-        return logpx_z, analytic_kl(mean, logvar)
-    return logpx_z, monte_carlo_kl(z, mean, logvar)
-
-
-def elbo_per_example(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None,
-                     kl: str = "mc") -> tf.Tensor:
-    """Single-sample Monte Carlo ELBO of each image: log p(x|z) + log p(z) - log q(z|x)
-    (or log p(x|z) - KL in closed form, with kl="analytic"); shape (batch,)."""
-    logpx_z, kl_term = elbo_parts(model, x, eps, kl)
-    return logpx_z - kl_term
-
-
-def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
-    """The training loss: the negative ELBO, averaged over the batch."""
-    return -tf.reduce_mean(elbo_per_example(model, x, eps, kl))
-
-
-def log_importance_weights(model: CVAE, x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for K draws z_k per image, from `eps`
-    (batch, K, latent); shape (batch, K). Their log-mean-exp is the IWAE bound on log p(x);
-    for K = 1 it is the single-sample ELBO."""
-    mean, logvar = model.encode(x)
-    mean, logvar = mean[:, tf.newaxis], logvar[:, tf.newaxis]
-    z = model.reparameterize(mean, logvar, eps)  # (batch, K, latent)
-    batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
-    logits = model.decode(tf.reshape(z, (batch * k, model.latent_dim)))
-    logpx_z = tf.reshape(bernoulli_log_likelihood(logits, tf.repeat(x, k, axis=0)), (batch, k))
-    return logpx_z + log_normal_pdf(z, 0.0, 0.0, raxis=2) - log_normal_pdf(z, mean, logvar, raxis=2)
+        kl_term = speedups.analytic_kl(mean, logvar)
+    return -tf.reduce_mean(logpx_z - kl_term)  # = -reduce_mean(logpx_z + logpz - logqz_x)
 
 
 # ----------------------------------------------------------------------------

@@ -26,49 +26,33 @@ The table is printed and written with every raw timing to --out-dir/benchmark.js
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import sys
 import time
-
-LAUNCHED = time.perf_counter()  # before TensorFlow loads: start-up counts from here
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from multiprocessing.connection import Connection  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Sequence
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
+import cli  # noqa: E402
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from variants import BATCH_SIZE, VARIANTS, Worker  # noqa: E402
 
-import cli  # noqa: E402
 import dataset  # noqa: E402
-import network  # noqa: E402
 import train  # noqa: E402
 
-IMPORTED = time.perf_counter()
-BATCH_SIZE = train.BATCH_SIZE
-# Each variant's (--precision, steps per call, --shards); None: train.py's default.
-SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
-            "fp32 1 shard": ("fp32", train.STEPS_PER_CALL, 1),
-            "fp32": ("fp32", train.STEPS_PER_CALL, None),
-            "bf16": ("bf16", train.STEPS_PER_CALL, None)}
-VARIANTS = tuple(SETTINGS)
-WHOLE_BATCH = tuple(name for name, (_, _, shards) in SETTINGS.items() if shards == 1)
 MATMUL_SIZE = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Time training and evaluation against the "
                                             "tutorial's recipe; print a table, write JSON.")
-    parser.add_argument("--data", default=None,
-                        help=f"Keras .npz or folder of MNIST IDX files; default "
-                             f"${dataset.DATA_ENV_VAR}, else the Keras download")
+    dataset.add_data_flags(parser)
     parser.add_argument("--train-size", type=cli.positive_int, default=None,
                         help="images in a timed epoch (default: all 60,000)")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
@@ -83,32 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------
-# Work per step, and what the machine can do
-
-
-def forward_flops(model: network.CVAE) -> tuple[int, int]:
-    """Multiply-adds x 2 of one image's forward pass, counted from the layer shapes, and
-    those of the first layer alone (whose input, the image, needs no gradient)."""
-    per_layer = []
-    for layer in model.encoder.layers + model.decoder.layers:
-        if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
-            _, height, width, channels = layer.input.shape
-            kernel = np.prod(layer.kernel_size)
-            per_layer.append(2 * height * width * channels * kernel * layer.filters)
-        elif isinstance(layer, tf.keras.layers.Conv2D):  # each output pixel gathers a kernel
-            _, height, width, filters = layer.output.shape
-            kernel = np.prod(layer.kernel_size) * layer.input.shape[-1]
-            per_layer.append(2 * height * width * filters * kernel)
-        elif isinstance(layer, tf.keras.layers.Dense):
-            per_layer.append(2 * layer.input.shape[-1] * layer.units)
-    return int(sum(per_layer)), int(per_layer[0])
-
-
-def train_flops_per_image(model: network.CVAE) -> int:
-    """A train step's FLOPs per image: the forward pass, then backward the gradients of
-    every layer's weights (as much again) and inputs (again, but for the first layer)."""
-    forward, first_layer = forward_flops(model)
-    return 3 * forward - first_layer
+# What the machine can do
 
 
 def matmul_gflops(dtype: tf.DType, repeats: int) -> float:
@@ -126,160 +85,6 @@ def matmul_gflops(dtype: tf.DType, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# The variants: each gives the same three things to time
-
-
-def tutorial_loss(model: network.CVAE, x: tf.Tensor) -> tf.Tensor:
-    """The tutorial's compute_loss as it is written there. network.compute_loss computes
-    the same loss, with gradients that add two numbers at a time (see network.py)."""
-    mean, logvar = model.encode(x)
-    z = model.reparameterize(mean, logvar)
-    x_logit = model.decode(z)
-    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
-    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
-    logpz = network.log_normal_pdf(z, 0.0, 0.0)
-    logqz_x = network.log_normal_pdf(z, mean, logvar)
-    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
-
-
-class Variant:
-    """A model and optimizer set up one variant's way, with its three timed jobs:
-    `steps(n)` (the compiled step alone), `epoch(number)` and `evaluate()`."""
-
-    steps: Callable[[int], None]
-    epoch: Callable[[int], None]
-    evaluate: Callable[[], float]
-
-    def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
-                 shards: int) -> None:
-        self.name = name
-        tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
-        precision, steps_per_call, _ = SETTINGS[name]
-        self.model = network.CVAE(train.LATENT_DIM, precision)
-        self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
-        self.optimizer.build(self.model.trainable_variables)
-        if name == "tutorial":
-            self.model.decoder.layers[-1].allow_depthwise = False  # the tutorial's kernel
-            self._tutorial(train_images, test_images)
-        else:
-            self._port(train_images, test_images,
-                       steps_per_call=steps_per_call, shards=shards)
-
-    def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
-        model, optimizer = self.model, self.optimizer
-
-        @tf.function
-        def train_step(x: tf.Tensor) -> None:  # the tutorial's, noise drawn inside
-            with tf.GradientTape() as tape:
-                loss = tutorial_loss(model, x)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-
-        train_dataset = (tf.data.Dataset.from_tensor_slices(train_images)
-                         .shuffle(len(train_images)).batch(BATCH_SIZE))
-        test_dataset = (tf.data.Dataset.from_tensor_slices(test_images)
-                        .shuffle(len(test_images)).batch(BATCH_SIZE))
-        in_memory = [tf.constant(train_images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])
-                     for i in range(len(train_images) // BATCH_SIZE)]
-
-        def steps(count: int) -> None:
-            for i in range(count):
-                train_step(in_memory[i % len(in_memory)])
-            optimizer.iterations.numpy()  # wait for the last step
-
-        def epoch(number: int) -> None:
-            for x in train_dataset:
-                train_step(x)
-            optimizer.iterations.numpy()
-
-        def evaluate() -> float:  # eager, batch 32
-            loss = tf.keras.metrics.Mean()
-            for x in test_dataset:
-                loss(tutorial_loss(model, x))
-            return -float(loss.result())
-
-        self.steps, self.epoch, self.evaluate = steps, epoch, evaluate
-
-    def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
-              shards: int) -> None:
-        rng = tf.random.Generator.from_seed(train.SEED)
-        train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
-        train_tensor = tf.constant(train_images)
-        test_batches = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
-        num_full_batches = len(train_images) // BATCH_SIZE
-
-        def steps(count: int) -> None:
-            images = train_tensor[:min(count, num_full_batches) * BATCH_SIZE]
-            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
-                pass
-
-        def epoch(number: int) -> None:  # what train.fit does, less its outputs
-            images = dataset.epoch_images(train_tensor, train.SEED, number)
-            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
-                pass
-
-        self.steps, self.epoch = steps, epoch
-        self.evaluate = lambda: train.evaluate(self.model, test_batches, rng, shards=shards)
-
-
-def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = job(*arguments)
-    return time.perf_counter() - start, result
-
-
-def serve(name: str, data: str | None, train_size: int | None, connection: Connection) -> None:
-    """One variant, in a process of its own: set up, take a first step, report how long
-    that took, then time what the parent asks until it says "stop"."""
-    shards = train.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
-    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size)
-    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
-    variant.steps(1)
-    connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
-                     "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
-                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
-    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
-    while (command := connection.recv()) != ("stop",):
-        job, *arguments = command
-        connection.send(timed(jobs[job], *arguments))
-    connection.send(cli.peak_memory_gib())
-
-
-class Worker:
-    """The parent's end of a variant's process."""
-
-    def __init__(self, name: str, data: str | None, train_size: int | None) -> None:
-        self.name = name
-        self.connection, child_end = multiprocessing.Pipe()
-        # spawn: a fresh interpreter, whose TensorFlow has not started yet
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(name, data, train_size, child_end), daemon=True)
-        self.process.start()
-        child_end.close()  # the child's alone now: its end closes when it stops
-        self.ready: dict = self._answer()
-
-    def _answer(self) -> Any:
-        try:
-            return self.connection.recv()
-        except EOFError:
-            self.process.join()
-            raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
-                                  f"{self.process.exitcode})") from None
-
-    def ask(self, *command: object) -> Any:
-        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
-        self.connection.send(command)
-        return self._answer()
-
-    def stop(self) -> float | None:
-        """End the process; return its peak memory in GiB."""
-        self.connection.send(("stop",))
-        peak = self._answer()
-        self.process.join()
-        return peak
-
-
-# ----------------------------------------------------------------------------
 # The run
 
 
@@ -291,14 +96,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                             f"{', '.join(VARIANTS)}")
     out_dir = cli.ensure_out_dir(args.out_dir)
     data = dataset.data_source(args.data)
-    (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size)  # checked here
+    # Checked here, before any process starts.
+    (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size, name=args.dataset)
     if len(train_images) < BATCH_SIZE:
         raise cli.UserError(f"--train-size {args.train_size}: an epoch needs at least "
                             f"{BATCH_SIZE} images")
 
     # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:
     # from a process's launch to the end of the first step train.py would take.
-    workers = {name: Worker(name, data, args.train_size) for name in names}
+    workers = {name: Worker(name, data, args.train_size, args.dataset) for name in names}
     first = workers.get("fp32") or next(iter(workers.values()))
     startup = {key: first.ready[key] for key in ("to_first_step_seconds", "import_seconds")}
     print(f"Start-up ({first.name}): {startup['to_first_step_seconds']:.1f} s from launch to the "

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+import cli
+
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, own_stderr, run_script
+from conftest import ROOT, run_script, stderr_lines
 
-import cli
 import network
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import benchmark  # noqa: E402
+import variants  # noqa: E402
 
 
 def test_train_flops_are_counted_from_the_layer_shapes():
@@ -28,8 +29,8 @@ def test_train_flops_are_counted_from_the_layer_shapes():
                + 2 * 28 * 28 * 32 * (3 * 3 * 1))  # Conv2DTranspose 1
     assert forward == 10_932_416
     first_layer = 2 * 13 * 13 * 32 * 9
-    assert benchmark.forward_flops(network.CVAE(2)) == (forward, first_layer)
-    assert benchmark.train_flops_per_image(network.CVAE(2)) == 3 * forward - first_layer
+    assert variants.forward_flops(network.CVAE(2)) == (forward, first_layer)
+    assert variants.train_flops_per_image(network.CVAE(2)) == 3 * forward - first_layer
 
 
 def test_the_tutorials_loss_is_the_ports():
@@ -37,7 +38,7 @@ def test_the_tutorials_loss_is_the_ports():
     model = network.CVAE(2)
     x = tf.constant((np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
     results = []
-    for compute_loss in (benchmark.tutorial_loss, network.compute_loss):
+    for compute_loss in (variants.tutorial_loss, network.compute_loss):
         tf.random.set_seed(1)  # both draw their noise with tf.random.normal: the same noise
         with tf.GradientTape() as tape:
             loss = compute_loss(model, x)
@@ -52,28 +53,28 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     out_dir = tmp_path / "bench"
     result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--repeats", "1",
                         "--steps", "2", "--out-dir", out_dir)
-    assert result.returncode == 0, own_stderr(result.stderr)[-20:]
+    assert result.returncode == 0, stderr_lines(result.stderr)[-20:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in table] == ["variant", *benchmark.VARIANTS]
+    assert [line.split("|")[1].strip() for line in table] == ["variant", *variants.VARIANTS]
     report = json.loads((out_dir / "benchmark.json").read_text())
-    assert [row["variant"] for row in report["table"]] == list(benchmark.VARIANTS)
+    assert [row["variant"] for row in report["table"]] == list(variants.VARIANTS)
     for row in report["table"]:
         assert row["ms_per_step"] > 0 and row["epoch_seconds"] > 0 and row["eval_seconds"] > 0
         assert row["peak_memory_gib"] > 0.1  # each variant's own process
-    assert all(report["settings"]["shards"][name] == 1 for name in benchmark.WHOLE_BATCH)
+    assert all(report["settings"]["shards"][name] == 1 for name in variants.WHOLE_BATCH)
     assert report["table"][0]["epoch_ratio"] == 1.0
     assert report["matmul_gflops"]["fp32"] > 0 and report["startup"]["to_first_step_seconds"] > 0
-    assert report["train_flops_per_step"] == 32 * benchmark.train_flops_per_image(network.CVAE(2))
+    assert report["train_flops_per_step"] == 32 * variants.train_flops_per_image(network.CVAE(2))
 
 
 def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
     result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--variants", "fp32,fp64",
                         "--out-dir", tmp_path / "bench")
     assert result.returncode == 2
-    lines = own_stderr(result.stderr)
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and "unknown 'fp64'" in lines[0], lines
 
 
 def test_a_variant_whose_process_dies_is_one_error_not_a_hang(tmp_path):
     with pytest.raises(cli.ScriptError, match="fp32 variant's process stopped"):
-        benchmark.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data
+        variants.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data

@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+from cli import UserError
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import IDX_NAMES, idx_bytes, make_mnist_arrays, write_idx_folder
 
 import dataset
-from cli import UserError
 
 
 def test_binarize_is_the_tutorials_threshold():

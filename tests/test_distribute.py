@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from conftest import own_stderr, run_script
+from conftest import run_script, stderr_lines
 
 import network
 
@@ -68,7 +68,7 @@ def test_a_short_mirrored_run_trains_and_saves_once(tmp_path, tiny_npz):
     result = run_script("tests/two_cpus.py", "train.py", "--strategy", "mirrored",
                         "--devices", "CPU:0,CPU:1", "--data", tiny_npz, "--epochs", "2",
                         "--batch-size", "16", "--out-dir", out_dir)
-    assert result.returncode == 0, own_stderr(result.stderr)[-20:]
+    assert result.returncode == 0, stderr_lines(result.stderr)[-20:]
     rows = (out_dir / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2"]
     elbos = [float(row.split(",")[2]) for row in rows[1:]]
@@ -89,7 +89,7 @@ def test_multiworker_without_tf_config_is_one_worker(tmp_path: Path, tiny_npz):
     out_dir = tmp_path / "run"
     result = run_script("train.py", "--strategy", "multiworker", "--data", tiny_npz,
                         "--epochs", "1", "--out-dir", out_dir)
-    assert result.returncode == 0, own_stderr(result.stderr)[-20:]
+    assert result.returncode == 0, stderr_lines(result.stderr)[-20:]
     assert len((out_dir / "metrics.csv").read_text().splitlines()) == 3
 
 
@@ -97,5 +97,5 @@ def test_a_bad_tf_config_is_one_line(tmp_path: Path, tiny_npz):
     result = run_script("train.py", "--strategy", "multiworker", "--data", tiny_npz,
                         "--out-dir", tmp_path / "run", env={"TF_CONFIG": "{not json"})
     assert result.returncode == 2
-    assert len(own_stderr(result.stderr)) == 1 and "TF_CONFIG" in result.stderr
+    assert len(stderr_lines(result.stderr)) == 1 and "TF_CONFIG" in result.stderr
     assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, make_mnist_arrays, own_stderr, run_script, write_idx_folder
+from conftest import ROOT, make_mnist_arrays, run_script, stderr_lines, write_idx_folder
 
 EPOCHS = 3
 TINY = dict(num_train=1600, num_test=64)  # 50 steps an epoch: long enough to stop inside one
@@ -97,7 +97,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, data, reference, s
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code
-    lines = own_stderr(stderr)
+    lines = stderr_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, lines
     assert f"stopped by {sig.name}" in lines[0]
     assert f"python train.py --out-dir {out} --resume" in lines[0]
@@ -146,7 +146,7 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path
     out = tmp_path / "diverged"
     result = run_script("train.py", *train_args(data, out, "--learning-rate", "1e30"))
     assert result.returncode == 1
-    lines = own_stderr(result.stderr)
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and "the loss is nan at epoch 1, step" in lines[0], lines
     assert tf.train.load_checkpoint(str(out / "checkpoints" / "ckpt-0")) is not None
 
@@ -241,7 +241,7 @@ def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, ca
     result = run_script("train.py", "--out-dir", run, *flags)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    lines = own_stderr(result.stderr)
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), lines
     assert expected in lines[0]
     assert snapshot(run) == before
@@ -255,7 +255,7 @@ def test_an_unusable_out_dir_is_refused(tmp_path, data, where, expected):
         out.write_text("keep me\n")
     result = run_script("train.py", "--out-dir", out, "--data", data)
     assert result.returncode == 2
-    lines = own_stderr(result.stderr)
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and expected in lines[0], lines
     if where == "file":
         assert out.read_text() == "keep me\n"

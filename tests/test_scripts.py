@@ -8,7 +8,7 @@ import math
 
 import imageio.v3 as iio
 import pytest
-from conftest import own_stderr, run_script, write_idx_folder
+from conftest import run_script, stderr_lines, write_idx_folder
 
 
 def assert_ok(result):
@@ -146,7 +146,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny_npz, tmp_path):
     result = run_script("train.py", *args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    lines = own_stderr(result.stderr)
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("train.py: error:"), lines
     assert expected in lines[0]
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
@@ -157,5 +157,5 @@ def test_notebook_script_reports_bad_data_in_one_line(tmp_path):
     result = run_script("cvae_tensorflow.py", "--data", tmp_path / "missing.npz",
                         "--out-dir", tmp_path / "nb")
     assert result.returncode != 0
-    assert own_stderr(result.stderr) == [
+    assert stderr_lines(result.stderr) == [
         f"cvae_tensorflow.py: error: {tmp_path / 'missing.npz'}: no such file or folder"]

@@ -1,21 +1,63 @@
-"""The loop and its outputs, on tiny data (in process, but for the thread settings)."""
+"""The train step, the loop and its outputs, on tiny data, in process."""
 
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from statistics import NormalDist
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT
 
 import dataset
 import network
+import pictures
 import train
+
+
+def test_train_steps_have_finite_gradients_and_lower_the_loss():
+    tf.keras.utils.set_random_seed(3)
+    model = network.CVAE(2)
+    x = tf.constant((np.random.default_rng(3).random((32, 28, 28, 1)) < 0.2).astype(np.float32))
+    eps = tf.random.stateless_normal((32, 2), seed=(1, 2))
+
+    with tf.GradientTape() as tape:
+        before = network.compute_loss(model, x, eps)
+    gradients = tape.gradient(before, model.trainable_variables)
+    assert len(gradients) == len(model.trainable_variables) == 14
+    assert all(g is not None and bool(tf.reduce_all(tf.math.is_finite(g))) for g in gradients)
+
+    optimizer = tf.keras.optimizers.Adam(1e-3)
+    rng = tf.random.Generator.from_seed(3)
+    first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
+    weights_before = [w.numpy() for w in model.trainable_variables]
+    first_loss = network.compute_loss(model, x, first_eps)
+    train_steps = train.make_train_function(model, optimizer, rng)
+    losses = train_steps(tf.stack([x] * 5), tf.constant(0), tf.constant(5))
+    assert losses.shape == (5,)
+    np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
+    assert any(not np.array_equal(a, b.numpy())
+               for a, b in zip(weights_before, model.trainable_variables))
+    after = network.compute_loss(model, x, eps)
+    assert float(after) < float(before)
+
+
+def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
+    tf.keras.utils.set_random_seed(4)
+    model = network.CVAE(2)
+    optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
+    optimizer.build(model.trainable_variables)
+    images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
+    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(4))
+    calls = list(train.epoch_losses(train_steps, images, batch_size=32, steps_per_call=2))
+    assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
+    losses = np.concatenate([losses for _, losses in calls])
+
+    noise = tf.random.Generator.from_seed(4)
+    expected = [network.compute_loss(model, images[start:start + 32], noise.normal((size, 2)))
+                for start, size in ((0, 32), (32, 32), (64, 6))]
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)
 
 
 class LatentEcho:
@@ -29,7 +71,7 @@ class LatentEcho:
 
 
 def test_manifold_walks_the_normal_quantiles():
-    image = train.latent_manifold(LatentEcho(), n=5)
+    image = pictures.plot_latent_images(LatentEcho(), n=5)
     assert image.shape == (5 * 28, 5 * 28)
     quantiles = [NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, 5)]
     expected = 1 / (1 + np.exp(-np.array(quantiles)))
@@ -40,7 +82,7 @@ def test_manifold_walks_the_normal_quantiles():
 
 def test_manifold_png_is_written(tmp_path):
     model = network.CVAE(2)
-    train.save_latent_manifold(model, tmp_path / "latent_manifold.png")
+    pictures.save_latent_images(model, tmp_path / "latent_manifold.png")
     image = iio.imread(tmp_path / "latent_manifold.png")
     assert image.shape == (560, 560) and image.dtype == np.uint8  # 20 x 20 digits, grey
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
@@ -52,12 +94,11 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     model = network.CVAE(2)
     images = (np.random.default_rng(4).random((1300, 28, 28, 1)) < 0.2).astype(np.float32)
     batches = dataset.make_batches(images, train.EVAL_BATCH_SIZE)
-    elbo = train.evaluate(model, batches, tf.random.Generator.from_seed(9), shards=shards)
+    elbo = train.test_set_elbo(model, batches, tf.random.Generator.from_seed(9), shards=shards)
     rng = tf.random.Generator.from_seed(9)  # the same noise, drawn in the same batches
-    per_example = np.concatenate([
-        network.elbo_per_example(model, images[i:i + 1000], rng.normal((len(images[i:i + 1000]), 2)))
-        for i in (0, 1000)])
-    np.testing.assert_allclose(elbo, per_example.mean(), rtol=1e-5)
+    batch_means = [network.compute_loss(model, images[i:i + 1000], rng.normal((len(images[i:i + 1000]), 2)))
+                   for i in (0, 1000)]
+    np.testing.assert_allclose(elbo, -(batch_means[0] * 1000 + batch_means[1] * 300) / 1300, rtol=1e-5)
 
 
 def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
@@ -70,45 +111,45 @@ def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
     assert [row["epoch"] for row in metrics] == [0, 1, 2]
     assert metrics[2]["test_elbo"] > metrics[0]["test_elbo"]
     for epoch in range(3):
-        assert iio.imread(train.grid_path(tmp_path, epoch)).shape[:2] == (400, 400)
+        assert iio.imread(pictures.grid_path(tmp_path, epoch)).shape[:2] == (400, 400)
     with open(tmp_path / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
     assert float(rows[2]["test_elbo"]) == metrics[2]["test_elbo"]
 
-    train.save_gif([train.grid_path(tmp_path, e) for e in range(3)], tmp_path / "cvae.gif")
+    pictures.save_gif([pictures.grid_path(tmp_path, e) for e in range(3)], tmp_path / "cvae.gif")
     assert iio.imread(tmp_path / "cvae.gif", index=None).shape[0] == 3
 
 
-
-SHARDS_AND_THREADS = """
-import sys
-import tensorflow as tf
-import train
-if sys.argv[1] == "started":
-    tf.constant(1.0) + 1.0  # TensorFlow starts with its default threads
-shards = train.setup_shards(int(sys.argv[2]) or None)
-print(shards, tf.config.threading.get_inter_op_parallelism_threads(),
-      tf.config.threading.get_intra_op_parallelism_threads(), train.available_cores())
-"""
-
-
-@pytest.mark.parametrize("when, requested", [("fresh", 0), ("fresh", 1), ("started", 0),
-                                             ("started", 2)])
-def test_setup_shards_sets_the_threads_or_falls_back(when, requested):
-    result = subprocess.run([sys.executable, "-c", SHARDS_AND_THREADS, when, str(requested)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    shards, inter, intra, cores = map(int, result.stdout.split())
-    default = 2 if cores >= 2 and not tf.config.list_physical_devices("GPU") else 1
-    if when == "fresh":
-        assert shards == (requested or default)
-        # With more than one shard: an op per shard at once, the cores shared among them.
-        assert (inter, intra) == ((shards, cores // shards) if shards > 1 else (0, 0))
-    else:  # too late to set the threads: the default is 1 shard, a request stands
-        assert (inter, intra) == (0, 0)
-        assert shards == (requested or 1)
+def test_the_train_step_trains_with_network_compute_loss(monkeypatch):
+    """What compute_loss says is what trains: zero times it, and no weight moves."""
+    x = tf.constant((np.random.default_rng(6).random((32, 28, 28, 1)) < 0.2).astype(np.float32))
+    moved, original = {}, network.compute_loss
+    for name, scale in (("as written", 1.0), ("zero times itself", 0.0)):
+        monkeypatch.setattr(network, "compute_loss", lambda *args, scale=scale, **kwargs:
+                            scale * original(*args, **kwargs))
+        for shards in (1, 2):
+            tf.keras.utils.set_random_seed(6)
+            model = network.CVAE(2)
+            optimizer = tf.keras.optimizers.Adam(1e-3)
+            optimizer.build(model.trainable_variables)
+            before = [w.numpy() for w in model.trainable_variables]
+            train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(6),
+                                                    shards=shards)
+            train_steps(tf.stack([x] * 3), tf.constant(0), tf.constant(3))
+            moved[name, shards] = [not np.array_equal(a, b.numpy())
+                                   for a, b in zip(before, model.trainable_variables)]
+    for shards in (1, 2):
+        assert all(moved["as written", shards])
+        assert not any(moved["zero times itself", shards])
 
 
-def test_the_default_is_one_shard_under_a_strategy():
-    assert train.setup_shards(None, "mirrored") == 1  # each replica's share stays whole
+def test_the_tutorials_train_step_call_takes_a_step():
+    """train_step(model, x, optimizer), as the tutorial calls it: its own noise, one update."""
+    tf.keras.utils.set_random_seed(8)
+    model = network.CVAE(2)
+    optimizer = tf.keras.optimizers.Adam(1e-3)
+    x = tf.constant((np.random.default_rng(8).random((8, 28, 28, 1)) < 0.2).astype(np.float32))
+    loss = train.train_step(model, x, optimizer)
+    assert loss.shape == () and np.isfinite(float(loss))
+    assert int(optimizer.iterations) == 1

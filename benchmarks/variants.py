@@ -1,0 +1,225 @@
+"""The benchmark's variants, each in a process of its own (TensorFlow's thread settings
+hold for a whole process): the tutorial's code as written, and this port's step one idea
+at a time (see benchmark.py). Each times the same three jobs for the parent."""
+
+from __future__ import annotations
+
+import time
+
+LAUNCHED = time.perf_counter()  # before TensorFlow loads: start-up counts from here
+
+import multiprocessing  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
+
+import cli  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dataset  # noqa: E402
+import network  # noqa: E402
+import speedups  # noqa: E402
+import train  # noqa: E402
+
+IMPORTED = time.perf_counter()
+BATCH_SIZE = train.BATCH_SIZE
+# Each variant's (--precision, steps per call, --shards); None: train.py's default.
+SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
+            "fp32 1 shard": ("fp32", train.STEPS_PER_CALL, 1),
+            "fp32": ("fp32", train.STEPS_PER_CALL, None),
+            "bf16": ("bf16", train.STEPS_PER_CALL, None)}
+VARIANTS = tuple(SETTINGS)
+WHOLE_BATCH = tuple(name for name, (_, _, shards) in SETTINGS.items() if shards == 1)
+
+
+# ----------------------------------------------------------------------------
+# Work per step
+
+
+def forward_flops(model: network.CVAE) -> tuple[int, int]:
+    """Multiply-adds x 2 of one image's forward pass, counted from the layer shapes, and
+    those of the first layer alone (whose input, the image, needs no gradient)."""
+    per_layer = []
+    for layer in model.encoder.layers + model.decoder.layers:
+        if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
+            _, height, width, channels = layer.input.shape
+            kernel = np.prod(layer.kernel_size)
+            per_layer.append(2 * height * width * channels * kernel * layer.filters)
+        elif isinstance(layer, tf.keras.layers.Conv2D):  # each output pixel gathers a kernel
+            _, height, width, filters = layer.output.shape
+            kernel = np.prod(layer.kernel_size) * layer.input.shape[-1]
+            per_layer.append(2 * height * width * filters * kernel)
+        elif isinstance(layer, tf.keras.layers.Dense):
+            per_layer.append(2 * layer.input.shape[-1] * layer.units)
+    return int(sum(per_layer)), int(per_layer[0])
+
+
+def train_flops_per_image(model: network.CVAE) -> int:
+    """A train step's FLOPs per image: the forward pass, then backward the gradients of
+    every layer's weights (as much again) and inputs (again, but for the first layer)."""
+    forward, first_layer = forward_flops(model)
+    return 3 * forward - first_layer
+
+
+# ----------------------------------------------------------------------------
+# The variants: each gives the same three things to time
+
+
+def tutorial_loss(model: network.CVAE, x: tf.Tensor) -> tf.Tensor:
+    """The tutorial's compute_loss as it is written there. network.compute_loss computes
+    the same loss, with gradients that add two numbers at a time (see speedups.py)."""
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    x_logit = model.decode(z)
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    logpz = network.log_normal_pdf(z, 0.0, 0.0)
+    logqz_x = network.log_normal_pdf(z, mean, logvar)
+    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
+
+
+class Variant:
+    """A model and optimizer set up one variant's way, with its three timed jobs:
+    `steps(n)` (the compiled step alone), `epoch(number)` and `evaluate()`."""
+
+    steps: Callable[[int], None]
+    epoch: Callable[[int], None]
+    evaluate: Callable[[], float]
+
+    def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
+                 shards: int) -> None:
+        self.name = name
+        tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
+        precision, steps_per_call, _ = SETTINGS[name]
+        self.model = network.CVAE(train.LATENT_DIM, precision)
+        self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
+        self.optimizer.build(self.model.trainable_variables)
+        if name == "tutorial":
+            self.model.decoder.layers[-1].allow_depthwise = False  # the tutorial's kernel
+            self._tutorial(train_images, test_images)
+        else:
+            self._port(train_images, test_images,
+                       steps_per_call=steps_per_call, shards=shards)
+
+    def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
+        model, optimizer = self.model, self.optimizer
+
+        @tf.function
+        def train_step(x: tf.Tensor) -> None:  # the tutorial's, noise drawn inside
+            with tf.GradientTape() as tape:
+                loss = tutorial_loss(model, x)
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+
+        train_dataset = (tf.data.Dataset.from_tensor_slices(train_images)
+                         .shuffle(len(train_images)).batch(BATCH_SIZE))
+        test_dataset = (tf.data.Dataset.from_tensor_slices(test_images)
+                        .shuffle(len(test_images)).batch(BATCH_SIZE))
+        in_memory = [tf.constant(train_images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])
+                     for i in range(len(train_images) // BATCH_SIZE)]
+
+        def steps(count: int) -> None:
+            for i in range(count):
+                train_step(in_memory[i % len(in_memory)])
+            optimizer.iterations.numpy()  # wait for the last step
+
+        def epoch(number: int) -> None:
+            for x in train_dataset:
+                train_step(x)
+            optimizer.iterations.numpy()
+
+        def evaluate() -> float:  # eager, batch 32
+            loss = tf.keras.metrics.Mean()
+            for x in test_dataset:
+                loss(tutorial_loss(model, x))
+            return -float(loss.result())
+
+        self.steps, self.epoch, self.evaluate = steps, epoch, evaluate
+
+    def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
+              shards: int) -> None:
+        rng = tf.random.Generator.from_seed(train.SEED)
+        train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
+        train_tensor = tf.constant(train_images)
+        test_batches = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
+        num_full_batches = len(train_images) // BATCH_SIZE
+
+        def steps(count: int) -> None:
+            images = train_tensor[:min(count, num_full_batches) * BATCH_SIZE]
+            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
+                pass
+
+        def epoch(number: int) -> None:  # what train.fit does, less its outputs
+            images = dataset.epoch_images(train_tensor, train.SEED, number)
+            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
+                pass
+
+        self.steps, self.epoch = steps, epoch
+        self.evaluate = lambda: train.test_set_elbo(self.model, test_batches, rng, shards=shards)
+
+
+def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = job(*arguments)
+    return time.perf_counter() - start, result
+
+
+def serve(name: str, data: str | None, dataset_name: str, train_size: int | None,
+          connection: Connection) -> None:
+    """One variant, in a process of its own: set up, take a first step, report how long
+    that took, then time what the parent asks until it says "stop"."""
+    shards = speedups.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
+    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
+    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
+    variant.steps(1)
+    connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
+                     "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
+                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
+    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
+    while (command := connection.recv()) != ("stop",):
+        job, *arguments = command
+        connection.send(timed(jobs[job], *arguments))
+    connection.send(cli.peak_memory_gib())
+
+
+class Worker:
+    """The parent's end of a variant's process."""
+
+    def __init__(self, name: str, data: str | None, train_size: int | None,
+                 dataset_name: str = "mnist") -> None:
+        self.name = name
+        self.connection, child_end = multiprocessing.Pipe()
+        # spawn: a fresh interpreter, whose TensorFlow has not started yet
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(name, data, dataset_name, train_size, child_end), daemon=True)
+        self.process.start()
+        child_end.close()  # the child's alone now: its end closes when it stops
+        self.ready: dict = self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            return self.connection.recv()
+        except EOFError:
+            self.process.join()
+            raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
+                                  f"{self.process.exitcode})") from None
+
+    def ask(self, *command: object) -> Any:
+        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
+        self.connection.send(command)
+        return self._answer()
+
+    def stop(self) -> float | None:
+        """End the process; return its peak memory in GiB."""
+        self.connection.send(("stop",))
+        peak = self._answer()
+        self.process.join()
+        return peak
+
+

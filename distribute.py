@@ -1,0 +1,95 @@
+"""Many devices with tf.distribute: --strategy and --devices, each replica's share of a
+batch, which process writes the run's outputs, and a line saying what the run runs on."""
+
+from __future__ import annotations
+
+import argparse
+
+import cli
+
+import tensorflow as tf
+
+import speedups
+
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", choices=STRATEGIES, default="default",
+                        help="default: one device (the GPU if there is one); mirrored: "
+                             "tf.distribute.MirroredStrategy over --devices; multiworker: "
+                             "MultiWorkerMirroredStrategy over the machines in $TF_CONFIG")
+    parser.add_argument("--devices", default=None,
+                        help="for --strategy mirrored, a comma-separated device list such as "
+                             "GPU:0,GPU:1 (default: every local GPU, else the CPU)")
+
+
+def _device_key(name: str) -> tuple[str, int | None] | None:
+    try:
+        spec = tf.DeviceSpec.from_string(name)
+    except ValueError:
+        return None
+    return (spec.device_type or "").upper(), spec.device_index
+
+
+def make_strategy(name: str, devices: str | None = None) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for --strategy and --devices."""
+    if devices and name != "mirrored":
+        raise cli.UserError(f"--devices is for --strategy mirrored, not --strategy {name}")
+    if name == "mirrored":
+        here = {_device_key(device.name): device.name for device in tf.config.list_logical_devices()}
+        names = [device.strip() for device in devices.split(",")] if devices else None
+        for device in names or ():
+            if _device_key(device) not in here:
+                raise cli.UserError(f"--devices: no device {device!r} here; there are "
+                                    f"{', '.join(sorted(here.values()))}")
+        return tf.distribute.MirroredStrategy(names)
+    if name == "multiworker":
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster: $TF_CONFIG
+        except ValueError as error:
+            raise cli.UserError(f"--strategy multiworker: $TF_CONFIG is not a usable cluster "
+                                f"description ({cli.first_line(error)})") from None
+    return tf.distribute.get_strategy()
+
+
+def describe(strategy: tf.distribute.Strategy, shards: int = 1) -> str:
+    """One line: the devices a run computes on, and how."""
+    if isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        devices = ", ".join(name.split("device:")[-1] for name in strategy.extended.worker_devices)
+        where = f"{devices} ({type(strategy).__name__})"
+    elif gpus := tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpus[0])
+        where = f"GPU:0 ({details.get('device_name', 'a GPU')})"
+    else:
+        where = f"CPU, {speedups.available_cores()} cores (no GPU found)"
+    if shards > 1:
+        where += f"; each batch in {shards} shards side by side (--shards)"
+    return f"Device: {where}"
+
+
+def replica_share(tensor: tf.Tensor) -> tf.Tensor:
+    """This replica's consecutive share of a batch's first axis (all of it on one device)."""
+    context = tf.distribute.get_replica_context()
+    replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
+    if replicas == 1:
+        return tensor
+    known = tf.get_static_value(replica)  # static slices, where the id is known
+    return split_slice(tensor, int(known) if known is not None else replica, replicas)
+
+
+def split_slice(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Tensor:
+    """The `index`-th of `count` consecutive, near-equal slices of `tensor`'s first axis."""
+    size = tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]
+    return tensor[size * index // count:size * (index + 1) // count]
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's outputs: always, but in a multi-worker run,
+    where only the chief (or worker 0, if no task is named chief) does."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())

@@ -1,0 +1,197 @@
+"""The run folder: a new run, a resumed one, or a refusal before anything is written.
+
+config.json holds a run's settings and a fingerprint of its data; --resume continues
+from the latest intact checkpoint with those settings, --overwrite replaces the run.
+metrics.csv holds a row per epoch. Everything is written whole (cli.atomic_path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import cli
+
+import numpy as np
+import tensorflow as tf
+
+import dataset
+import network
+import pictures
+
+OUT_DIR = "output"
+# Settings fixed for a run's life: --resume refuses a flag that contradicts them.
+# (--epochs may change: resuming with more epochs trains a finished run further.)
+RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
+                "kl", "dataset", "precision")
+# What runs from before a setting existed used, for --resume and evaluate.py.
+SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32"}
+CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
+                "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
+                "kl": str, "dataset": str, "precision": str, "data": (str, type(None)),
+                "data_sha256": str}
+# What a run (train.py, then evaluate.py) writes in its folder: --overwrite removes these alone.
+RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "image_at_epoch_*.png",
+               "cvae.gif", "latent_manifold.png", "evaluation.json", "reconstructions.png",
+               "prior_samples.png", "latent_space.png", "interpolation.png", "training_curves.png",
+               ".*.tmp.*")
+METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """--out-dir, --resume and --overwrite."""
+    parser.add_argument("--out-dir", default=OUT_DIR, help="folder for everything the run writes")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its last complete epoch, "
+                             "with the settings stored there")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out-dir (refused without this "
+                             "or --resume)")
+
+
+# ----------------------------------------------------------------------------
+# metrics.csv
+
+
+def save_metrics(rows: list[dict], path: Path) -> None:
+    with cli.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv back as rows of numbers (None where epoch 0 has no training figures)."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="") as file:
+            return [{key: (int(value) if key == "epoch" else float(value)) if value else None
+                     for key, value in row.items()} for row in csv.DictReader(file)]
+    except (ValueError, TypeError, csv.Error) as error:
+        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
+
+
+# ----------------------------------------------------------------------------
+# config.json, the data, and where to start
+
+
+def holds_run(out_dir: Path) -> bool:
+    return any(any(out_dir.glob(pattern)) for pattern in RUN_OUTPUTS)
+
+
+def load_config(out_dir: Path) -> dict:
+    """The run's config.json, checked: every setting present, of the right type."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        raise cli.UserError(f"no run in {out_dir} (no config.json); start one with "
+                            f"python train.py --out-dir {out_dir}")
+    try:
+        config = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
+    except (ValueError, TypeError, OSError) as error:
+        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
+    for key, kinds in CONFIG_TYPES.items():
+        if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
+            raise cli.UserError(f"{path} is damaged: {key} is missing or of the wrong type")
+    for key, known in (("kl", network.KL_ESTIMATORS), ("dataset", dataset.KERAS_DATASETS),
+                       ("precision", network.PRECISIONS)):
+        if config[key] not in known:
+            raise cli.UserError(f"{path} is damaged: unknown {key} {config[key]!r}")
+    return config
+
+
+def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool
+                  ) -> tuple[dataset.Split, dataset.Split, str]:
+    """The run's data as its config says, with its fingerprint; with `check`, refuse data
+    whose fingerprint is not the one the run was trained on."""
+    (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
+        source, config["train_size"], config["test_size"], config["dataset"])
+    data_sha256 = dataset.fingerprint(train_images, train_labels, test_images, test_labels)
+    if check and data_sha256 != config["data_sha256"]:
+        raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
+                            f"run in {out_dir} was trained on; pass that with --data")
+    return (train_images, train_labels), (test_images, test_labels), data_sha256
+
+
+def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
+    """The newest checkpoint whose every tensor reads back (checksums included), skipping
+    damaged ones with a note, and its epoch; (None, 0) if there is none yet."""
+    paths = sorted(directory.glob("ckpt-*.index"), key=lambda path: int(path.stem.split("-")[1]))
+    damaged = []
+    for index in reversed(paths):
+        prefix = str(index.with_suffix(""))
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+        except (tf.errors.OpError, ValueError) as error:
+            damaged.append(f"{index.stem} ({cli.first_line(error)[:100]})")
+            continue
+        for note in damaged:
+            print(f"Checkpoint {note} is damaged; using {index.stem}, the one before it")
+        return prefix, int(tensors["epoch/.ATTRIBUTES/VARIABLE_VALUE"])
+    if damaged:
+        raise cli.UserError(f"--resume: no intact checkpoint in {directory}: {'; '.join(damaged)}")
+    return None, 0
+
+
+@dataclasses.dataclass
+class Run:
+    config: dict  # the settings, as stored in config.json
+    out_dir: Path
+    train_images: np.ndarray  # binarized float32 (N, 28, 28, 1)
+    test_images: np.ndarray
+    train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
+    test_labels: np.ndarray
+    resume_from: str | None  # the checkpoint to continue from, if any
+
+
+def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
+    """Settle the run's settings, data and starting point from the flags (`given`: those
+    typed) and the run folder. A new run takes the flags; --resume takes config.json and
+    refuses a flag or data that contradicts it. Every check comes before the first write."""
+    if args.resume and args.overwrite:
+        raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
+                            "choose one")
+    out_dir = cli.ensure_out_dir(args.out_dir)
+    flags = {key: getattr(args, key) for key in ("epochs", *RUN_SETTINGS)}
+    if args.resume:
+        config = load_config(out_dir)
+        for key in sorted(given & set(RUN_SETTINGS)):
+            if flags[key] != config[key]:
+                flag = "--" + key.replace("_", "-")
+                raise cli.UserError(f"{flag} {flags[key]} contradicts the run in {out_dir}, which has "
+                                    f"{flag} {config[key]}; drop the flag to resume it, or start a "
+                                    f"new run in another --out-dir")
+        if "epochs" in given:
+            config["epochs"] = flags["epochs"]
+        source = args.data or config["data"]
+    else:
+        if holds_run(out_dir) and not args.overwrite:
+            raise cli.UserError(f"{out_dir} already holds a run; continue it with --resume, or "
+                                f"replace it with --overwrite")
+        source = dataset.data_source(args.data)
+        config = dict(flags)
+    config["data"] = str(Path(source).resolve()) if source else None  # where it is now
+
+    (train_images, train_labels), (test_images, test_labels), config["data_sha256"] = load_run_data(
+        config, source, out_dir, check=args.resume)
+    if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
+        raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
+                            f"got {len(test_images)}")
+    resume_from, done = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else (None, 0)
+    if resume_from and config["epochs"] < done:
+        raise cli.UserError(f"--epochs {config['epochs']}: the run in {out_dir} has done {done} "
+                            f"epochs already")
+
+    if args.overwrite:
+        for pattern in RUN_OUTPUTS:
+            for path in out_dir.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with cli.atomic_path(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return Run(config, out_dir, dataset.binarize(train_images), dataset.binarize(test_images),
+               train_labels, test_labels, resume_from)
