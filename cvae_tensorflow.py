@@ -28,7 +28,6 @@ import network
 import pictures
 import run_folder
 import run_log
-import speedups
 import train
 
 
@@ -56,12 +55,10 @@ parser = train.build_parser()
 parser.set_defaults(out_dir=NOTEBOOK_DIR)
 args, _ = parser.parse_known_args()
 args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
-if args.strategy != "default":
-    raise cli.UserError("the notebook runs on one device; use python train.py for --strategy")
-# On a CPU, each batch is computed in two pieces side by side (--shards; see
-# speedups.setup_shards). TensorFlow takes its thread settings only before it starts.
-shards = speedups.setup_shards(args.shards)
-print(distribute.describe(tf.distribute.get_strategy(), shards))
+if args.strategy != "default" or args.shards:
+    raise cli.UserError("the notebook runs the tutorial's step on one device, the batch whole; "
+                        "--strategy and --shards are for python train.py")
+print(distribute.describe(tf.distribute.get_strategy()))
 
 # %% [markdown]
 # ## Load the MNIST dataset
@@ -108,8 +105,9 @@ model.decoder.summary()
 # terms in one formula.
 #
 # `train_step` computes the loss and its gradients with a `tf.GradientTape`, then updates
-# the weights. Here it takes the batch's noise `eps` from the run's random generator (so a
-# seed repeats a run), and `train.batch_loss` calls `compute_loss` on each shard.
+# the weights. Here it takes the batch's noise `eps` from the run's random generator, so
+# that a seed repeats a run. (train.py's `train_step` is this one, compiled 50 steps a
+# call, with each batch in two shards on a CPU.)
 
 # %%
 optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
@@ -121,7 +119,7 @@ print(f"loss of the untrained model on 32 images: "
 def train_step(model, x, optimizer, eps):
     """Executes one training step and returns the loss."""
     with tf.GradientTape() as tape:
-        loss = train.batch_loss(model, x, eps, config["kl"], shards)
+        loss = network.compute_loss(model, x, eps, config["kl"])
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
@@ -152,9 +150,11 @@ def end_epoch(epoch: int, elbo: float, **figures: float) -> None:
 
 
 # %%
-done = log.restore(run.resume_from, epochs) if run.resume_from else 0
-if not run.resume_from:
-    end_epoch(0, train.test_set_elbo(model, test_dataset, log.rng, config["kl"], shards))
+if run.resume_from:
+    done = log.restore(run.resume_from, epochs)
+else:
+    done = 0
+    end_epoch(0, train.test_set_elbo(model, test_dataset, log.rng, config["kl"]))
 
 for epoch in range(done + 1, epochs + 1):
     train_loss = tf.keras.metrics.Mean()
@@ -165,7 +165,7 @@ for epoch in range(done + 1, epochs + 1):
         train_loss(train_step(model, train_x, optimizer, eps), sample_weight=len(train_x))
     end_time = time.time()
 
-    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"], shards)
+    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"])
     seconds = end_time - start_time
     print(f"Epoch: {epoch}, Test set ELBO: {elbo:.2f}, "
           f"time elapse for current epoch: {seconds:.1f} s")

@@ -5,7 +5,7 @@ formula or Keras' own layer, and docs/speed.md measures it.
 - Conv2D, Conv2DTranspose in bf16: the bias gradient summed in float32, where Keras'
   CPU kernel sums bfloat16 in bfloat16 and stalls (docs/speed.md#bf16).
 - Conv2DTranspose: the logits layer (stride 1, to one channel) as a depthwise
-  convolution, twice as fast as Keras' transposed one (docs/speed.md#the-logits-layer).
+  convolution, faster on a CPU than Keras' transposed one (docs/speed.md#the-logits-layer).
 - bernoulli_log_likelihood, log_normal_pdfs, analytic_kl: gradients that add two numbers
   at a time, where autodiff's AddN of three sums in a timing-dependent order
   (docs/speed.md#exact-runs).

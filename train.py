@@ -197,8 +197,10 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             pictures.generate_and_save_images(model, epoch, log.test_sample, log.sample_eps, out_dir)
         log.end_epoch(epoch, row, loss_points)
 
-    done = log.restore(resume_from, epochs) if resume_from else 0
-    if not resume_from:
+    if resume_from:
+        done = log.restore(resume_from, epochs)
+    else:
+        done = 0
         elbo = test_set_elbo(model, test_batches, rng, kl, shards)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         end_epoch(0, {"epoch": 0, "test_elbo": round(elbo, 4)})

@@ -10,7 +10,7 @@ the one above it:
   tutorial        the tutorial's code: its loss and its logits layer's kernel, a
                   shuffle(60000).batch(32) pipeline, one step per tf.function call, an
                   eager test-set ELBO at batch 32, TensorFlow's default threads
-  fp32 1/call     train.py's step (network.py's loss and layers), in-memory batches and
+  fp32 1/call     train.py's step (compute_loss with speedups.py's layers), in-memory batches and
                   compiled test-set ELBO, one step per call, the batch whole (--shards 1)
   fp32 1 shard    50 steps per call
   fp32            the batch in shards, a core each (train.py as it runs by default)
@@ -26,14 +26,20 @@ The table is printed and written with every raw timing to --out-dir/benchmark.js
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+
+LAUNCHED = time.perf_counter()  # before TensorFlow loads: start-up counts from here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
@@ -41,10 +47,13 @@ import cli  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from variants import BATCH_SIZE, VARIANTS, Worker  # noqa: E402
+from variants import BATCH_SIZE, SETTINGS, VARIANTS, Variant, train_flops_per_image  # noqa: E402
 
 import dataset  # noqa: E402
+import speedups  # noqa: E402
 import train  # noqa: E402
+
+IMPORTED = time.perf_counter()
 
 MATMUL_SIZE = 2048
 
@@ -82,6 +91,69 @@ def matmul_gflops(dtype: tf.DType, repeats: int) -> float:
         matmul().numpy()
         seconds.append(time.perf_counter() - start)
     return 2 * MATMUL_SIZE**3 / float(np.median(seconds)) / 1e9
+
+
+# ----------------------------------------------------------------------------
+# Each variant in a process of its own: TensorFlow's thread settings hold for a process
+
+
+def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = job(*arguments)
+    return time.perf_counter() - start, result
+
+
+def serve(name: str, data: str | None, dataset_name: str, train_size: int | None,
+          connection: Connection) -> None:
+    """One variant, in a process of its own: set up, take a first step, report how long
+    that took, then time what the parent asks until it says "stop"."""
+    shards = speedups.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
+    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
+    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
+    variant.steps(1)
+    connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
+                     "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
+                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
+    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
+    while (command := connection.recv()) != ("stop",):
+        job, *arguments = command
+        connection.send(timed(jobs[job], *arguments))
+    connection.send(cli.peak_memory_gib())
+
+
+class Worker:
+    """The parent's end of a variant's process."""
+
+    def __init__(self, name: str, data: str | None, train_size: int | None,
+                 dataset_name: str = "mnist") -> None:
+        self.name = name
+        self.connection, child_end = multiprocessing.Pipe()
+        # spawn: a fresh interpreter, whose TensorFlow has not started yet
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(name, data, dataset_name, train_size, child_end), daemon=True)
+        self.process.start()
+        child_end.close()  # the child's alone now: its end closes when it stops
+        self.ready: dict = self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            return self.connection.recv()
+        except EOFError:
+            self.process.join()
+            raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
+                                  f"{self.process.exitcode})") from None
+
+    def ask(self, *command: object) -> Any:
+        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
+        self.connection.send(command)
+        return self._answer()
+
+    def stop(self) -> float | None:
+        """End the process; return its peak memory in GiB."""
+        self.connection.send(("stop",))
+        peak = self._answer()
+        self.process.join()
+        return peak
 
 
 # ----------------------------------------------------------------------------

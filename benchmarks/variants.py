@@ -1,33 +1,23 @@
-"""The benchmark's variants, each in a process of its own (TensorFlow's thread settings
-hold for a whole process): the tutorial's code as written, and this port's step one idea
-at a time (see benchmark.py). Each times the same three jobs for the parent."""
+"""The benchmark's variants: the tutorial's code as written, and this port's step one idea
+at a time (see benchmark.py), each with the same three jobs to time; and a step's FLOPs."""
 
 from __future__ import annotations
 
-import time
-
-LAUNCHED = time.perf_counter()  # before TensorFlow loads: start-up counts from here
-
-import multiprocessing  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from multiprocessing.connection import Connection  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-import cli  # noqa: E402
+import cli  # noqa: E402, F401  (first: TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dataset  # noqa: E402
 import network  # noqa: E402
-import speedups  # noqa: E402
 import train  # noqa: E402
 
-IMPORTED = time.perf_counter()
 BATCH_SIZE = train.BATCH_SIZE
 # Each variant's (--precision, steps per call, --shards); None: train.py's default.
 SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
@@ -162,64 +152,3 @@ class Variant:
 
         self.steps, self.epoch = steps, epoch
         self.evaluate = lambda: train.test_set_elbo(self.model, test_batches, rng, shards=shards)
-
-
-def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = job(*arguments)
-    return time.perf_counter() - start, result
-
-
-def serve(name: str, data: str | None, dataset_name: str, train_size: int | None,
-          connection: Connection) -> None:
-    """One variant, in a process of its own: set up, take a first step, report how long
-    that took, then time what the parent asks until it says "stop"."""
-    shards = speedups.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
-    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
-    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
-    variant.steps(1)
-    connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
-                     "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
-                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
-    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
-    while (command := connection.recv()) != ("stop",):
-        job, *arguments = command
-        connection.send(timed(jobs[job], *arguments))
-    connection.send(cli.peak_memory_gib())
-
-
-class Worker:
-    """The parent's end of a variant's process."""
-
-    def __init__(self, name: str, data: str | None, train_size: int | None,
-                 dataset_name: str = "mnist") -> None:
-        self.name = name
-        self.connection, child_end = multiprocessing.Pipe()
-        # spawn: a fresh interpreter, whose TensorFlow has not started yet
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(name, data, dataset_name, train_size, child_end), daemon=True)
-        self.process.start()
-        child_end.close()  # the child's alone now: its end closes when it stops
-        self.ready: dict = self._answer()
-
-    def _answer(self) -> Any:
-        try:
-            return self.connection.recv()
-        except EOFError:
-            self.process.join()
-            raise cli.ScriptError(f"the {self.name} variant's process stopped (exit code "
-                                  f"{self.process.exitcode})") from None
-
-    def ask(self, *command: object) -> Any:
-        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
-        self.connection.send(command)
-        return self._answer()
-
-    def stop(self) -> float | None:
-        """End the process; return its peak memory in GiB."""
-        self.connection.send(("stop",))
-        peak = self._answer()
-        self.process.join()
-        return peak
-
-

@@ -15,6 +15,7 @@ from conftest import ROOT, run_script, stderr_lines
 import network
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchmark  # noqa: E402
 import variants  # noqa: E402
 
 
@@ -77,4 +78,4 @@ def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
 
 def test_a_variant_whose_process_dies_is_one_error_not_a_hang(tmp_path):
     with pytest.raises(cli.ScriptError, match="fp32 variant's process stopped"):
-        variants.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data
+        benchmark.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data
