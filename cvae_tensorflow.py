@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
+import numpy as np
 import tensorflow as tf
 
 import dataset
@@ -144,9 +145,9 @@ train_dataset = tf.constant(train_images)  # shuffled and batched every epoch, b
 test_dataset = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
 
 
-def end_epoch(epoch: int, elbo: float, **figures: float) -> None:
+def end_epoch(epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:
     pictures.generate_and_save_images(model, epoch, test_sample, random_vector_for_generation, out_dir)
-    log.end_epoch(epoch, {"epoch": epoch, "test_elbo": round(elbo, 4), **figures})
+    log.end_epoch(epoch, row, loss_points)
 
 
 # %%
@@ -154,23 +155,27 @@ if run.resume_from:
     done = log.restore(run.resume_from, epochs)
 else:
     done = 0
-    end_epoch(0, train.test_set_elbo(model, test_dataset, log.rng, config["kl"]))
+    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"])
+    end_epoch(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
 
 for epoch in range(done + 1, epochs + 1):
-    train_loss = tf.keras.metrics.Mean()
+    # A progress bar, the epoch's mean loss, and a stop on a non-finite loss.
+    progress = run_log.EpochProgress(epoch, len(train_images), config["batch_size"],
+                                     int(optimizer.iterations), out_dir)
     start_time = time.time()
-    for train_x in dataset.make_batches(dataset.epoch_images(train_dataset, config["seed"], epoch),
-                                        config["batch_size"]):
+    epoch_dataset = dataset.make_batches(
+        dataset.epoch_images(train_dataset, config["seed"], epoch), config["batch_size"])
+    for step, train_x in enumerate(epoch_dataset):
         eps = log.rng.normal((len(train_x), latent_dim))
-        train_loss(train_step(model, train_x, optimizer, eps), sample_weight=len(train_x))
+        loss = train_step(model, train_x, optimizer, eps)
+        progress.update(step, np.atleast_1d(loss.numpy()))
     end_time = time.time()
 
     elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"])
     seconds = end_time - start_time
     print(f"Epoch: {epoch}, Test set ELBO: {elbo:.2f}, "
           f"time elapse for current epoch: {seconds:.1f} s")
-    end_epoch(epoch, elbo, train_loss=round(float(train_loss.result()), 4),
-              seconds=round(seconds, 3), images_per_second=round(len(train_images) / seconds, 1))
+    end_epoch(epoch, progress.row(elbo, seconds), progress.loss_points)
 
 # %% [markdown]
 # ## Display a generated image from the last training epoch

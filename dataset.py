@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 from cli import UserError
 
 import numpy as np

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import tensorflow as tf
 

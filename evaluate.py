@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import numpy as np
 import tensorflow as tf

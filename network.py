@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import numpy as np
 import tensorflow as tf
@@ -34,8 +34,8 @@ class CVAE(tf.keras.Model):
         super().__init__()
         self.latent_dim = latent_dim
         hidden = PRECISIONS[precision]
-        # speedups.Conv2D and .Conv2DTranspose are Keras' layers with faster kernels and,
-        # in bf16, a float32 bias gradient: same variables, same maths.
+        # speedups.Conv2D and .Conv2DTranspose are Keras' layers with, in bf16, a float32
+        # bias gradient, and a faster kernel for the logits layer: same variables, same maths.
         self.encoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),
@@ -113,10 +113,9 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
     logpx_z = speedups.bernoulli_log_likelihood(x_logit, x)
     # = log_normal_pdf(z, 0., 0.), log_normal_pdf(z, mean, logvar), gradients written out
     logpz, logqz_x = speedups.log_normal_pdfs(log_normal_pdf, z, mean, logvar)
-    kl_term = logqz_x - logpz  # the single-sample estimate of KL(q(z|x) || p(z))
-    if kl == "analytic":
-        kl_term = speedups.analytic_kl(mean, logvar)
-    return -tf.reduce_mean(logpx_z - kl_term)  # = -reduce_mean(logpx_z + logpz - logqz_x)
+    if kl == "analytic":  # --kl analytic: KL(q(z|x) || p(z)) in closed form for logqz_x - logpz
+        return -tf.reduce_mean(logpx_z - speedups.analytic_kl(mean, logvar))
+    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 
 # ----------------------------------------------------------------------------

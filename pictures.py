@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import imageio.v3 as iio
 import numpy as np
@@ -62,11 +62,8 @@ def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5)
 
 
 def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE, digit_size: int = 28) -> np.ndarray:
-    """Decode an n x n grid of the 2D latent plane into one (n * 28, n * 28) image.
-
-    The grid steps through standard-normal quantiles 0.05..0.95 on each axis (tf.math.ndtri
-    is the tutorial's Normal.quantile). Column j has z[0] = grid[j], row i has z[1] = grid[i].
-    """
+    """Decode an n x n grid of the latent plane, at the normal quantiles 0.05..0.95 (ndtri is
+    the tutorial's Normal.quantile), into one image: z[0] by column, z[1] by row."""
     grid = tf.math.ndtri(tf.linspace(0.05, 0.95, n)).numpy()
     z_row, z_column = np.meshgrid(grid, grid, indexing="ij")
     z = np.stack([z_column.ravel(), z_row.ravel()], axis=1).astype(np.float32)

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import numpy as np
 import tensorflow as tf

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import imageio.v3 as iio
 import numpy as np
@@ -25,11 +25,9 @@ LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
 
 
 class RunLog:
-    """What a run carries from epoch to epoch besides the model and the optimizer: `rng`,
-    the generator of all its noise, and the tutorial's `test_sample` with its noise, fixed
-    for the run; and its checkpoints, TensorBoard and metrics.csv. In a multi-worker run
-    every worker saves checkpoints (all but the chief's to a folder it deletes); only the
-    chief writes anything else."""
+    """A run's `rng` (all its noise), the tutorial's `test_sample` and its noise, and its
+    checkpoints, TensorBoard and metrics.csv. Every worker of a multi-worker run saves
+    checkpoints (all but the chief's to a folder it deletes); only the chief writes more."""
 
     def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                  test_images: np.ndarray, seed: int, out_dir: Path, chief: bool = True) -> None:
@@ -116,6 +114,12 @@ class EpochProgress:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / self.seen
+
+    def row(self, test_elbo: float, seconds: float) -> dict:
+        """The epoch's row of metrics.csv."""
+        return {"epoch": self.epoch, "train_loss": round(self.mean_loss, 4),
+                "test_elbo": round(test_elbo, 4), "seconds": round(seconds, 3),
+                "images_per_second": round(self.seen / seconds, 1)}
 
     @property
     def complete(self) -> bool:

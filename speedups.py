@@ -21,7 +21,7 @@ import argparse
 import os
 from collections.abc import Callable
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import tensorflow as tf
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import cli
+import cli  # first: it loads TensorFlow without its start-up logs
 
 import numpy as np
 import tensorflow as tf
@@ -81,16 +81,20 @@ def batch_loss(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, 
     """network.compute_loss of the images `x`, in `shards` slices side by side (see
     speedups.setup_shards), each weighted by its share of the `batch_size` images (default:
     all of `x`; under tf.distribute, `x` is a replica's share of the batch)."""
-    batch_size = batch_size or x.shape[0]
+    batch_size = batch_size or _count(x)
     shards = max(1, min(shards, x.shape[0] or shards))  # no empty slice (a small last batch)
     loss = None
     for piece in range(shards):
         x_piece = distribute.split_slice(x, piece, shards)
         eps_piece = None if eps is None else distribute.split_slice(eps, piece, shards)
-        size = x_piece.shape[0] or tf.cast(tf.shape(x_piece)[0], tf.float32)
-        weighted = network.compute_loss(model, x_piece, eps_piece, kl) * (size / batch_size)
+        weighted = network.compute_loss(model, x_piece, eps_piece, kl) * (_count(x_piece) / batch_size)
         loss = weighted if loss is None else loss + weighted
     return loss
+
+
+def _count(x: tf.Tensor) -> int | tf.Tensor:
+    """The images in `x`: static where its shape is known."""
+    return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
 
 
 def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
@@ -226,10 +230,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             seconds, loss = end_time - start_time, progress.mean_loss
             print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {loss:.2f}, "
                   f"time for the epoch {seconds:.1f} s ({progress.seen / seconds:,.0f} images/s)")
-            end_epoch(epoch, {"epoch": epoch, "train_loss": round(loss, 4), "test_elbo": round(elbo, 4),
-                              "seconds": round(seconds, 3),
-                              "images_per_second": round(progress.seen / seconds, 1)},
-                      progress.loss_points)
+            end_epoch(epoch, progress.row(elbo, seconds), progress.loss_points)
             if stop.signal and epoch < epochs:
                 raise stop.stopped(f"after epoch {epoch}", epoch, out_dir)
     log.close()

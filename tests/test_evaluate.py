@@ -79,8 +79,8 @@ def test_elbo_parts_add_up(model, images):
         logpx_z, kl_term = parts[kl] = evaluate._elbo_parts(model, tf.random.Generator.from_seed(4),
                                                               tf.constant(images), kl)
         eps = tf.random.Generator.from_seed(4).normal((len(images), 2))
-        np.testing.assert_allclose(tf.reduce_mean(logpx_z - kl_term),
-                                   -network.compute_loss(model, images, eps, kl), rtol=1e-5)
+        elbo = [-network.compute_loss(model, images[i:i + 1], eps[i:i + 1], kl) for i in range(len(images))]
+        np.testing.assert_allclose(logpx_z - kl_term, elbo, rtol=1e-5)  # image by image
     np.testing.assert_array_equal(parts["mc"][0], parts["analytic"][0])
 
 

@@ -67,7 +67,7 @@ def test_written_out_analytic_kl_gradients_are_autodiffs():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kl", network.KL_ESTIMATORS)
 def test_the_train_step_adds_gradients_two_at_a_time(precision, kl, shards):
-    """An AddN of three or more sums in an order that depends on timing (see network.py)."""
+    """An AddN of three or more sums in an order that depends on timing (see speedups.py)."""
     model = network.CVAE(2, precision)
     optimizer = tf.keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
@@ -160,6 +160,15 @@ def test_bf16_bias_gradients_are_summed_in_float32(layer):
     np.testing.assert_array_equal(tape.gradient(total, layer.bias), np.full(8, 32 * 28 * 28))
 
 
+def test_a_batch_of_unknown_size_in_shards_is_the_whole_batch():
+    """train.batch_loss where the batch size is known only when it runs (a traced function)."""
+    tf.keras.utils.set_random_seed(9)
+    model = network.CVAE(2)
+    x = tf.constant((np.random.default_rng(9).random((7, 28, 28, 1)) < 0.2).astype(np.float32))
+    eps = tf.random.stateless_normal((7, 2), seed=(9, 9))
+    unknown = tf.function(lambda x, eps: train.batch_loss(model, x, eps, shards=2), input_signature=[
+        tf.TensorSpec((None, 28, 28, 1)), tf.TensorSpec((None, 2))])
+    np.testing.assert_allclose(unknown(x, eps), network.compute_loss(model, x, eps), rtol=1e-6)
 
 
 SHARDS_AND_THREADS = """
