@@ -49,8 +49,8 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, 28, 28), labels uint8
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """--data and --dataset: where the data comes from."""
     parser.add_argument("--data", default=None,
-                        help=f"Keras .npz or folder of MNIST IDX files; default ${DATA_ENV_VAR}, "
-                             f"else the Keras download")
+                        help=f"Keras .npz or folder of MNIST IDX files (default: ${DATA_ENV_VAR}, "
+                             f"else the Keras download)")
     parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
                         help="which Keras download to use when no --data is given")
 
