@@ -138,11 +138,11 @@ def train_step(model, x, optimizer, eps):
 # %%
 epochs = config["epochs"]
 latent_dim = config["latent_dim"]
-num_examples_to_generate = pictures.NUM_EXAMPLES_TO_GENERATE
+# num_examples_to_generate: pictures.NUM_EXAMPLES_TO_GENERATE, 16 digits in a 4x4 grid
 log = run_log.RunLog(model, optimizer, test_images, config["seed"], out_dir)
 test_sample, random_vector_for_generation = log.test_sample, log.sample_eps
 train_dataset = tf.constant(train_images)  # shuffled and batched every epoch, below
-test_dataset = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
+test_dataset = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
 
 
 def end_epoch(epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:

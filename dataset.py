@@ -32,6 +32,7 @@ import pictures
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 DATA_ENV_VAR = "CVAE_DATA"
+EVAL_BATCH_SIZE = 1000  # test images a batch: the test figures are means, so this changes only speed
 # Keras' array names and the IDX files that LeCun's site and its mirrors ship.
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",

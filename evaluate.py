@@ -37,7 +37,6 @@ import run_folder
 import speedups
 
 IW_SAMPLES = 100
-BATCH_SIZE = 1000  # test images per call (the IWAE bound's: see below)
 # Decoded images per call of the IWAE bound: the K samples are taken in chunks, so memory
 # stays bounded (a few hundred MB) whatever K is.
 DECODES_PER_CALL = 4096
@@ -118,7 +117,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     rng = tf.random.Generator.from_seed(seed)
     logpx_z, kl_term, iwae = [], [], []
     # Images per call of the IWAE bound: at least one, and K of them fit DECODES_PER_CALL.
-    batch = max(1, min(BATCH_SIZE, DECODES_PER_CALL // iw_samples))
+    batch = max(1, min(dataset.EVAL_BATCH_SIZE, DECODES_PER_CALL // iw_samples))
     for x in dataset.make_batches(images, batch):
         parts = _elbo_parts(model, rng, x, kl)
         logpx_z.append(parts[0].numpy())
@@ -166,7 +165,7 @@ def save_latent_space(model: network.CVAE, images: np.ndarray, labels: np.ndarra
     """The test set's latent means, coloured by label; the first two principal components
     when the latent space has more than two dimensions."""
     means = np.concatenate([model.encode(x)[0].numpy()
-                            for x in dataset.make_batches(images, BATCH_SIZE)])
+                            for x in dataset.make_batches(images, dataset.EVAL_BATCH_SIZE)])
     if means.shape[1] == 1:
         points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
         title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")

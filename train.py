@@ -38,7 +38,6 @@ BATCH_SIZE = 32
 LEARNING_RATE = 1e-4
 SEED = 42
 STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C after each call
-EVAL_BATCH_SIZE = 1000  # the test ELBO is a mean over images: its batching changes only speed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +193,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     train_steps = make_train_function(model, optimizer, rng, kl=kl, strategy=strategy,
                                       shards=shards)
     train_tensor = tf.constant(train_images)  # converted once, permuted every epoch
-    test_batches = dataset.make_batches(test_images, EVAL_BATCH_SIZE)
+    test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
 
     def end_epoch(epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:
         if chief:

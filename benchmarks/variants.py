@@ -137,7 +137,7 @@ class Variant:
         rng = tf.random.Generator.from_seed(train.SEED)
         train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
         train_tensor = tf.constant(train_images)
-        test_batches = dataset.make_batches(test_images, train.EVAL_BATCH_SIZE)
+        test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
         num_full_batches = len(train_images) // BATCH_SIZE
 
         def steps(count: int) -> None:

@@ -93,7 +93,7 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     tf.keras.utils.set_random_seed(4)
     model = network.CVAE(2)
     images = (np.random.default_rng(4).random((1300, 28, 28, 1)) < 0.2).astype(np.float32)
-    batches = dataset.make_batches(images, train.EVAL_BATCH_SIZE)
+    batches = dataset.make_batches(images, dataset.EVAL_BATCH_SIZE)
     elbo = train.test_set_elbo(model, batches, tf.random.Generator.from_seed(9), shards=shards)
     rng = tf.random.Generator.from_seed(9)  # the same noise, drawn in the same batches
     batch_means = [network.compute_loss(model, images[i:i + 1000], rng.normal((len(images[i:i + 1000]), 2)))
