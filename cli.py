@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -111,6 +112,10 @@ def _number(kind: type, minimum: float, what: str,
 positive_int = _number(int, 1, "a whole number >= 1")
 non_negative_int = _number(int, 0, "a whole number >= 0")
 seed_int = _number(int, 0, "a whole number from 0 to 2**32 - 1", maximum=2**32 - 1)
+def int_between(low: int, high: int) -> Callable[[str], int | float]:
+    return _number(int, low, f"a whole number from {low} to {high}", maximum=high)
+
+
 positive_float = _number(float, sys.float_info.min, "a finite number > 0", maximum=sys.float_info.max)
 
 
@@ -188,6 +193,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """atomic_path for a folder: yield a temporary folder beside `path`; once written and
+    synced, it takes the place of the old one, which is then deleted."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.tmp.{end}") for end in ("new", "old"))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

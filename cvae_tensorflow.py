@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import dataset
 import distribute
+import export
 import network
 import pictures
 import run_folder
@@ -209,3 +210,14 @@ if latent_dim == 2:
     show(out_dir / "latent_manifold.png")
 else:
     print("The manifold needs a two-dimensional latent space (--latent-dim 2).")
+
+# %% [markdown]
+# ## Save the trained model
+#
+# Beyond the tutorial: the model in Keras' format (`cvae.keras`, for
+# `keras.saving.load_model`) and as a SavedModel for plain TensorFlow, in the run folder.
+# `python generate.py --out-dir output/notebook` then draws new digits from it.
+
+# %%
+export.export_model(model, out_dir)
+print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/")

@@ -154,7 +154,7 @@ def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, co
 
 
 def save_prior_samples(model: network.CVAE, path: Path, seed: int, count: int = 64) -> None:
-    z = tf.random.stateless_normal((count, model.latent_dim), seed=(seed, 1))
+    z = pictures.prior_draws(count, model.latent_dim, seed)
     figure = Figure(figsize=(8, 8.4))
     pictures.image_grid(figure, model.sample(z).numpy(), 8)
     figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
@@ -195,11 +195,10 @@ def save_interpolation(model: network.CVAE, images: np.ndarray, labels: np.ndarr
     first = 0
     other = int(np.flatnonzero(labels != labels[first])[0])
     mean, _ = model.encode(images[[first, other]])
-    weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, np.newaxis]
-    path_z = (1 - weights) * mean[0] + weights * mean[1]
+    path_z, weights = pictures.latent_walk(mean[0].numpy(), mean[1].numpy(), steps)
     decoded = model.sample(tf.constant(path_z)).numpy()
     row = np.concatenate([images[[first]], decoded, images[[other]]])
-    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights[:, 0]] + [f"test {labels[other]}"]
+    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights] + [f"test {labels[other]}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
     pictures.image_grid(figure, row, len(row), titles)
     figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
@@ -226,13 +225,8 @@ def save_training_curves(metrics: list[dict], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
-    if not out_dir.is_dir():
-        raise cli.UserError(f"--out-dir {out_dir}: no such folder")
-    config = run_folder.load_config(out_dir)
+    model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
     cli.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
-    checkpoint_path, epoch = run_folder.latest_intact_checkpoint(out_dir / "checkpoints")
-    if checkpoint_path is None:
-        raise cli.UserError(f"{out_dir} has no checkpoint yet")
 
     source = args.data or config["data"]
     _, (test_images, test_labels), _ = run_folder.load_run_data(config, source, out_dir, check=True)
@@ -246,9 +240,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "--test-size")
     test_images = dataset.binarize(test_images)
 
-    model = network.CVAE(config["latent_dim"], config["precision"])
-    tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
-    ).assert_existing_objects_matched()
     print(distribute.describe(tf.distribute.get_strategy()))
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")

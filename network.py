@@ -6,11 +6,14 @@ is N(0, I). Training maximizes the ELBO, log p(x|z) + log p(z) - log q(z|x), est
 with one sample z ~ q(z|x) per image; the loss is its negative, averaged over the batch.
 
     python network.py                    # summaries, parameter counts, a forward pass
+    python network.py --from output      # the same for the model a run exported
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import cli  # first: it loads TensorFlow without its start-up logs
 
@@ -25,14 +28,19 @@ IMAGE_SHAPE = (28, 28, 1)
 # and the logits layer stay float32, so z, its sampling and the loss keep float32.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 KL_ESTIMATORS = ("mc", "analytic")
+# Where a run exports its trained model (export.py): Keras' own format, and a SavedModel.
+KERAS_FILE = "cvae.keras"
+SAVEDMODEL_DIR = "cvae_savedmodel"
 
 
+@tf.keras.utils.register_keras_serializable(package="cvae")  # for keras.saving.load_model
 class CVAE(tf.keras.Model):
     """Convolutional variational autoencoder."""
 
     def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32") -> None:
         super().__init__()
         self.latent_dim = latent_dim
+        self.precision = precision
         hidden = PRECISIONS[precision]
         # speedups.Conv2D and .Conv2DTranspose are Keras' layers with, in bf16, a float32
         # bias gradient, and a faster kernel for the logits layer: same variables, same maths.
@@ -62,6 +70,11 @@ class CVAE(tf.keras.Model):
             ],
             name="decoder",
         )
+        self.built = True  # the encoder and decoder are: their InputLayers gave them their shapes
+
+    def get_config(self) -> dict:
+        """What keras.saving.load_model passes back to __init__ to rebuild the model."""
+        return {"latent_dim": self.latent_dim, "precision": self.precision}
 
     @tf.function
     def sample(self, eps: tf.Tensor | None = None) -> tf.Tensor:
@@ -126,15 +139,41 @@ def count_params(model: tf.keras.Model) -> int:
     return int(sum(np.prod(weight.shape) for weight in model.weights))
 
 
+def load_model(path: str | Path) -> CVAE:
+    """The CVAE a run exported: `path` is its run folder (holding cvae.keras) or the file."""
+    path = Path(path)
+    file = path / KERAS_FILE if path.is_dir() else path
+    if not file.is_file():
+        where = f"{path} holds no {KERAS_FILE}" if path.is_dir() else f"{path}: no such file or folder"
+        raise cli.UserError(f"{where}; a run exports one at its end, and python export.py "
+                            f"--out-dir RUN exports one from a run's checkpoints")
+    try:
+        model = tf.keras.models.load_model(file)
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise cli.UserError(f"{file} is not a saved model ({cli.first_line(error)})") from None
+    if not isinstance(model, CVAE):
+        raise cli.UserError(f"{file} holds a {type(model).__name__}, not a CVAE")
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.ArgumentParser(description="Print the CVAE: summaries, parameters, shapes.")
     parser.add_argument("--latent-dim", type=cli.positive_int, default=LATENT_DIM,
-                        help="size of the latent space")
+                        help="size of the latent space of a new, untrained model")
+    parser.add_argument("--from", dest="source", default=None, metavar="RUN",
+                        help=f"print instead the trained model a run exported: its folder "
+                             f"(holding {KERAS_FILE}) or the file")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="size of the dummy batch for the forward pass")
     args = parser.parse_args(argv)
+    if args.source and "latent_dim" in cli.explicit_flags(parser, argv):
+        raise cli.UserError("--latent-dim is for a new model; the one --from loads has its own")
 
-    model = CVAE(args.latent_dim)
+    if args.source:
+        model = load_model(args.source)
+        print(f"Loaded {args.source}: latent_dim {model.latent_dim}, precision {model.precision}")
+    else:
+        model = CVAE(args.latent_dim)
     model.encoder.summary()
     model.decoder.summary()
     encoder_params, decoder_params = count_params(model.encoder), count_params(model.decoder)
@@ -148,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nForward pass on a dummy batch of {args.batch_size}:")
     for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), ("logits", logits)):
         print(f"  {name:7s}{tuple(tensor.shape)}")
-    print(f"  loss   {float(compute_loss(model, x)):.2f} (negative ELBO of the blank batch, untrained)")
+    state = "trained" if args.source else "untrained"
+    print(f"  loss   {float(compute_loss(model, x)):.2f} (negative ELBO of the blank batch, {state})")
 
 
 if __name__ == "__main__":

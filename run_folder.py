@@ -34,11 +34,12 @@ CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_r
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
                 "kl": str, "dataset": str, "precision": str, "data": (str, type(None)),
                 "data_sha256": str}
-# What a run (train.py, then evaluate.py) writes in its folder: --overwrite removes these alone.
+# What a run (train.py, then evaluate.py and generate.py) writes in its folder: --overwrite
+# removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "image_at_epoch_*.png",
-               "cvae.gif", "latent_manifold.png", "evaluation.json", "reconstructions.png",
-               "prior_samples.png", "latent_space.png", "interpolation.png", "training_curves.png",
-               ".*.tmp.*")
+               "cvae.gif", "latent_manifold.png", network.KERAS_FILE, network.SAVEDMODEL_DIR,
+               "evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
+               "interpolation.png", "training_curves.png", "generated.*", ".*.tmp.*")
 METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
 
 
@@ -136,6 +137,21 @@ def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     if damaged:
         raise cli.UserError(f"--resume: no intact checkpoint in {directory}: {'; '.join(damaged)}")
     return None, 0
+
+
+def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
+    """The run's model at its latest intact checkpoint; with the run's config, that
+    checkpoint's path and its epoch."""
+    if not out_dir.is_dir():
+        raise cli.UserError(f"--out-dir {out_dir}: no such folder")
+    config = load_config(out_dir)
+    checkpoint_path, epoch = latest_intact_checkpoint(out_dir / "checkpoints")
+    if checkpoint_path is None:
+        raise cli.UserError(f"{out_dir} has no checkpoint yet")
+    model = network.CVAE(config["latent_dim"], config["precision"])
+    tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
+    ).assert_existing_objects_matched()
+    return model, config, checkpoint_path, epoch
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import dataset
 import distribute
+import export
 import network
 import pictures
 import run_folder
@@ -268,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
         print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")
+    export.export_model(model, out_dir)  # the trained model, to use without this script
+    print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/ "
+          f"(python generate.py --out-dir {out_dir} draws digits from them)")
     if (peak := cli.peak_memory_gib()) is not None:
         print(f"Peak memory (RSS): {peak:.2f} GiB")
 

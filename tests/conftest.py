@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli  # noqa: F401  first: it loads TensorFlow without its start-up logs
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import dataset
+import network
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX_NAMES = dataset.IDX_FILES  # Keras array name -> IDX file name
@@ -74,6 +78,16 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=ROOT)
+
+
+def exported_weights(out: Path) -> dict[str, np.ndarray]:
+    """The weights a run exported: those in its cvae.keras and those in its SavedModel."""
+    weights = {f"keras {i}": w for i, w in enumerate(network.load_model(out).get_weights())}
+    reader = tf.train.load_checkpoint(str(out / network.SAVEDMODEL_DIR / "variables" / "variables"))
+    # "variables/N" is the model's N-th variable; the archive's "_all_variables" copies them
+    # in an order of no meaning.
+    return {**weights, **{name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+                          if name.startswith("variables/")}}
 
 
 def stderr_lines(stderr: str) -> list[str]:

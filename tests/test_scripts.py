@@ -47,7 +47,8 @@ def test_train_script_writes_every_output(tiny_npz, tmp_path):
     result = run_script("train.py", "--data", tiny_npz, "--epochs", "2", "--out-dir", out)
     assert_ok(result)
     expected = {f"image_at_epoch_{e:04d}.png" for e in range(3)} | {
-        "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints", "tensorboard"}
+        "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints", "tensorboard",
+        "cvae.keras", "cvae_savedmodel"}
     assert {p.name for p in out.iterdir()} == expected  # nothing else, no temporary files
     assert iio.imread(out / "cvae.gif", index=None).shape[0] == 3
     with open(out / "metrics.csv") as file:
@@ -90,11 +91,15 @@ def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
     for name in ("image_at_epoch_0001.png", "cvae.gif", "latent_manifold.png"):
         assert (out / name).is_file()
         assert f"See {out / name}" in result.stdout
+    assert (out / "cvae.keras").is_file() and (out / "cvae_savedmodel" / "saved_model.pb").is_file()
 
 
 @pytest.mark.parametrize("script, flags", [
     ("dataset.py", ["--data", "--batch-size", "--out-dir"]),
-    ("network.py", ["--latent-dim", "--batch-size"]),
+    ("network.py", ["--latent-dim", "--batch-size", "--from"]),
+    ("export.py", ["--out-dir"]),
+    ("generate.py", ["--out-dir", "--num", "--z", "--interpolate", "--steps", "--seed", "--out",
+                     "--npy"]),
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--seed",
                   "--out-dir", "--data", "--train-size", "--test-size", "--precision", "--strategy",
                   "--devices", "--shards"]),

@@ -1,0 +1,66 @@
+"""Export a run's trained model, to use it without the training code.
+
+    python export.py --out-dir output    # the model at the run's last complete epoch
+
+writes into the run folder (train.py does the same at the end of every run):
+  cvae.keras         the whole CVAE in Keras' format: keras.saving.load_model, with network.py
+                     imported (python generate.py and python network.py --from read it)
+  cvae_savedmodel/   a SavedModel for plain TensorFlow, no project code needed:
+                     decode (z -> pixel probabilities), encode (images -> mean, logvar)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cli  # first: it loads TensorFlow without its start-up logs
+
+import tensorflow as tf
+
+import network
+import run_folder
+
+
+def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
+    """The model's weights and two serving signatures: decode, the default, and encode."""
+    archive = tf.keras.export.ExportArchive()
+    archive.track(model)
+
+    def decode(z: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probabilities": model.decode(z, apply_sigmoid=True)}
+
+    def encode(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        mean, logvar = model.encode(images)
+        return {"mean": mean, "logvar": logvar}
+
+    archive.add_endpoint("decode", decode, input_signature=[
+        tf.TensorSpec((None, model.latent_dim), tf.float32, name="z")])
+    archive.add_endpoint("encode", encode, input_signature=[
+        tf.TensorSpec((None, *network.IMAGE_SHAPE), tf.float32, name="images")])
+    return archive
+
+
+def export_model(model: network.CVAE, out_dir: Path) -> None:
+    """Write cvae.keras and cvae_savedmodel/ into `out_dir`, each whole or not at all."""
+    with cli.atomic_path(out_dir / network.KERAS_FILE) as tmp:
+        model.save(tmp)
+    with cli.atomic_folder(out_dir / network.SAVEDMODEL_DIR) as tmp:
+        savedmodel_archive(model).write_out(str(tmp), verbose=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description="Export a run's trained model: cvae.keras, for "
+                                            "Keras, and cvae_savedmodel/, for plain TensorFlow.")
+    parser.add_argument("--out-dir", default=run_folder.OUT_DIR, help="the run folder to export")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    model, _, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
+    cli.ensure_out_dir(out_dir)
+    export_model(model, out_dir)
+    print(f"Exported {checkpoint_path} (epoch {epoch}) to {out_dir / network.KERAS_FILE} and "
+          f"{out_dir / network.SAVEDMODEL_DIR}/")
+
+
+if __name__ == "__main__":
+    cli.run(main)
