@@ -54,6 +54,18 @@ def generate_and_save_images(model: CVAE, epoch: int, test_sample: tf.Tensor, ep
     save_figure(figure, grid_path(out_dir, epoch))
 
 
+def prior_draws(count: int, latent_dim: int, seed: int) -> tf.Tensor:
+    """`count` points from the prior p(z) = N(0, I), the same ones for the same seed."""
+    return tf.random.stateless_normal((count, latent_dim), seed=(seed, 1))
+
+
+def latent_walk(start: np.ndarray, end: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """`steps` evenly spaced latent points from `start` to `end`, both included, and how far
+    along the line each one is (0 to 1)."""
+    weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)
+    return (1 - weights[:, np.newaxis]) * start + weights[:, np.newaxis] * end, weights
+
+
 def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5) -> None:
     """An animated GIF of the per-epoch grids, looping."""
     images = [iio.imread(frame)[..., 0] for frame in frames]  # grey: R = G = B

@@ -1,0 +1,127 @@
+"""Draw digits from a trained model: decode points of its latent space into images.
+
+    python generate.py --out-dir output                        # 16 digits, z ~ N(0, I)
+    python generate.py --out-dir output --num 64 --seed 3 --npy
+    python generate.py --out-dir output --z 0,0 --z 1.5,-0.5     # the points you give
+    python generate.py --out-dir output --interpolate -2,0 2,0 --steps 10
+
+It reads the model the run exported (cvae.keras), not the data, and writes a grid of the
+pixel probabilities as a PNG (--out) and, with --npy, the probabilities themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import cli  # first: it loads TensorFlow without its start-up logs
+
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+
+import network
+import pictures
+import run_folder
+
+DEFAULT_NUM = 16  # the tutorial's 4x4 grid
+MAX_DIGITS = 400  # in one picture; the SavedModel draws any number
+OUT_NAME = "generated.png"
+
+
+def latent_point(text: str) -> np.ndarray:
+    """A latent point from the command line: numbers separated by commas, e.g. 0.5,-1.2."""
+    try:
+        point = np.array([float(number) for number in text.split(",")], dtype=np.float32)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not numbers separated by commas, "
+                                         f"like 0.5,-1.2") from None
+    if not np.all(np.isfinite(point)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite")
+    return point
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description="Draw digits from a trained model: from the prior, "
+                                            "at given latent points, or along a line.")
+    parser.add_argument("--out-dir", default=run_folder.OUT_DIR,
+                        help=f"the run folder whose exported model ({network.KERAS_FILE}) draws")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--num", type=cli.int_between(1, MAX_DIGITS), default=DEFAULT_NUM,
+                      help="how many digits to draw from the prior, z ~ N(0, I)")
+    what.add_argument("--z", type=latent_point, action="append", metavar="Z",
+                      help="decode this latent point, e.g. 0.5,-1.2 (repeat the flag for more)")
+    what.add_argument("--interpolate", type=latent_point, nargs=2, metavar=("A", "B"),
+                      help="decode a walk from latent point A to B, e.g. -2,0 2,0")
+    parser.add_argument("--steps", type=cli.int_between(2, MAX_DIGITS), default=10,
+                        help="points on the --interpolate walk, both ends included")
+    parser.add_argument("--seed", type=cli.seed_int, default=0, help="seed for the draws from the prior")
+    parser.add_argument("--out", default=None,
+                        help=f"the PNG to write (default: {OUT_NAME} in --out-dir)")
+    parser.add_argument("--npy", action="store_true",
+                        help="also write the pixel probabilities, (N, 28, 28, 1) float32, "
+                             "beside the PNG as .npy")
+    # A latent point may start with a minus: -2,0 is a value, not an unknown flag.
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
+    return parser
+
+
+def as_text(point: np.ndarray) -> str:
+    return ",".join(f"{value:g}" for value in point)
+
+
+def latent_points(args: argparse.Namespace, latent_dim: int) -> tuple[np.ndarray, list[str], str]:
+    """The points the flags ask to decode, a title for each (or none), and what they are."""
+    for flag, points in (("--z", args.z or []), ("--interpolate", args.interpolate or [])):
+        for point in points:
+            if len(point) != latent_dim:
+                raise cli.UserError(f"{flag} {as_text(point)}: {len(point)} number(s), but the "
+                                    f"model's latent space has {latent_dim} dimensions")
+    if args.z:
+        return np.stack(args.z), [as_text(point) for point in args.z], "the points given"
+    if args.interpolate:
+        start, end = args.interpolate
+        z, weights = pictures.latent_walk(start, end, args.steps)
+        about = f"a walk from z = {as_text(start)} to {as_text(end)}"
+        return z, [f"{weight:.2f}" for weight in weights], about
+    z = pictures.prior_draws(args.num, latent_dim, args.seed).numpy()
+    return z, [], f"the prior N(0, I), seed {args.seed}"
+
+
+def save_digits(probabilities: np.ndarray, titles: Sequence[str], title: str, path: Path,
+                columns: int) -> None:
+    rows = math.ceil(len(probabilities) / columns)
+    figure = Figure(figsize=(columns, rows * (1.2 if titles else 1.0) + 0.4))
+    pictures.image_grid(figure, probabilities, columns, titles)
+    figure.suptitle(title, fontsize=10)
+    pictures.save_figure(figure, path, bbox_inches="tight")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "steps" in cli.explicit_flags(parser, argv) and args.interpolate is None:
+        raise cli.UserError("--steps is for --interpolate")
+    out = Path(args.out) if args.out else Path(args.out_dir) / OUT_NAME
+    if out.suffix.lower() != ".png":
+        raise cli.UserError(f"--out {out}: the picture is a PNG; give a name ending in .png")
+    model = network.load_model(args.out_dir)
+    z, titles, about = latent_points(args, model.latent_dim)
+    probabilities = model.sample(tf.constant(z)).numpy()  # decode, then sigmoid
+
+    cli.ensure_out_dir(out.parent)
+    written = [out]
+    if args.npy:
+        written.append(out.with_suffix(".npy"))
+        with cli.atomic_path(written[-1]) as tmp:
+            np.save(tmp, probabilities)
+    columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
+    save_digits(probabilities, titles, f"{len(z)} digits decoded from {about}", out, columns)
+    print(f"Wrote {' and '.join(map(str, written))}: {len(z)} digits decoded from {about}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
