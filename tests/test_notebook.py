@@ -90,3 +90,14 @@ def test_opened_alone_the_notebook_says_in_one_line_how_to_get_the_project(pytho
     for advice in ("No module named 'cli'", "clone or upload", "pip install -r requirements.txt"):
         assert advice in error.evalue
     assert not any(cell.outputs for cell in code[1:])  # the run stops there
+
+
+def test_bad_data_stops_the_notebook_with_one_line(python3_kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("CVAE_DATA", str(tmp_path / "missing.npz"))
+    monkeypatch.setenv("CVAE_FLAGS", f"--out-dir {shlex.quote(str(tmp_path / 'nb'))}")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.raises(CellExecutionError):
+        execute(notebook, ROOT)
+    shown = [output.traceback for cell in notebook.cells if cell.cell_type == "code"
+             for output in outputs(cell, "error")]
+    assert shown == [[f"UserError: {tmp_path / 'missing.npz'}: no such file or folder"]]  # no traceback
