@@ -26,7 +26,7 @@ try:  # the project's modules sit in the notebook's folder, where Jupyter starts
 except ModuleNotFoundError as error:  # a notebook opened alone (Colab), or nothing installed yet
     raise ModuleNotFoundError(
         f"{error}: this notebook runs in the project's folder, beside its modules; clone or upload "
-        "that folder, open the notebook there (on Colab: %cd into it), pip install -r requirements.txt"
+        "that folder, open the notebook there (on Colab, %cd into it) and run pip install -r requirements.txt"
     ) from None
 
 import numpy as np
