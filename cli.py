@@ -59,6 +59,10 @@ class ScriptError(Exception):
         if exit_code is not None:
             self.exit_code = exit_code
 
+    def _render_traceback_(self) -> list[str]:
+        """What a Jupyter kernel (IPython) shows for it: the one line, not a traceback."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class UserError(ScriptError):
     """A problem with what the user gave us (a path, a file, a flag), not a bug."""

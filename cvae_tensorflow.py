@@ -9,16 +9,25 @@
 # `run_log.py` (the run folder, checkpoints and metrics).
 #
 # Run it as `python cvae_tensorflow.py` (it takes train.py's flags, such as
-# `--data mnist.npz` for an offline copy), or open it as a notebook: Jupyter with
-# jupytext, VS Code and PyCharm all read the `# %%` cells. It takes one step per
-# `tf.function` call, as the tutorial does; `python train.py` compiles 50 a call.
+# `--data mnist.npz` for an offline copy), or open `cvae_tensorflow.ipynb`, the same cells
+# as a notebook (made from this file by jupytext), in Jupyter, VS Code or Colab: it needs
+# the project's folder around it (see README.md). It takes one step per `tf.function`
+# call, as the tutorial does; `python train.py` compiles 50 a call.
 
 # %%
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+try:  # the project's modules sit in the notebook's folder, where Jupyter starts its kernel
+    import cli  # first: it loads TensorFlow without its start-up logs
+except ModuleNotFoundError as error:  # a notebook opened alone (Colab), or nothing installed yet
+    raise ModuleNotFoundError(
+        f"{error}: this notebook runs in the project's folder, beside its modules; clone or upload "
+        "that folder, open the notebook there (on Colab, %cd into it) and run pip install -r requirements.txt"
+    ) from None
 
 import numpy as np
 import tensorflow as tf
@@ -33,14 +42,20 @@ import run_log
 import train
 
 
-def show(path: Path) -> None:
-    """Show a picture inline in a notebook; name it when run as a script."""
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (IPython), not as a script."""
     try:
         from IPython import get_ipython
-        from IPython.display import Image, display
     except ImportError:
-        get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
+        return False
+    return get_ipython() is not None
+
+
+def show(path: Path) -> None:
+    """Show a picture inline in a notebook; name it when run as a script."""
+    if in_notebook():
+        from IPython.display import Image, display
+
         display(Image(filename=str(path)))
     else:
         print(f"See {path}")
@@ -48,14 +63,17 @@ def show(path: Path) -> None:
 
 cli.setup_script_without_main()  # bad input: one line, not a traceback
 
-# train.py's flags, with the tutorial's recipe as their defaults. parse_known_args,
-# because a notebook kernel passes arguments of its own. A notebook is re-run from the top,
-# so each run replaces the last one in its own folder (another --out-dir is never replaced
-# without --overwrite).
+# train.py's flags, with the tutorial's recipe as their defaults: from the command line,
+# or in a notebook, whose kernel has a command line of its own, from the variable CVAE_FLAGS
+# (CVAE_FLAGS="--epochs 1" jupyter lab; on Colab, %env CVAE_FLAGS=--epochs 1). A notebook is
+# re-run from the top, so each run replaces the last one in its own folder (another
+# --out-dir is never replaced without --overwrite).
 NOTEBOOK_DIR = "output/notebook"
 parser = train.build_parser()
+parser.prog = "cvae_tensorflow.py"
 parser.set_defaults(out_dir=NOTEBOOK_DIR)
-args, _ = parser.parse_known_args()
+argv = shlex.split(os.environ.get("CVAE_FLAGS", "")) if in_notebook() else sys.argv[1:]
+args = parser.parse_args(argv)
 args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
 if args.strategy != "default" or args.shards:
     raise cli.UserError("the notebook runs the tutorial's step on one device, the batch whole; "
@@ -71,7 +89,7 @@ print(distribute.describe(tf.distribute.get_strategy()))
 # binarizes it (`dataset.binarize`) and sets up the run folder.
 
 # %%
-run = run_folder.prepare_run(args, cli.explicit_flags(parser, sys.argv[1:]))
+run = run_folder.prepare_run(args, cli.explicit_flags(parser, argv))
 config, out_dir, train_images, test_images = run.config, run.out_dir, run.train_images, run.test_images
 print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}; writing to {out_dir}/")
 dataset.save_preview(train_images[:32], run.train_labels[:32], out_dir / "dataset_preview.png")
