@@ -44,6 +44,7 @@ def _load_tensorflow_quietly() -> None:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+    tf.get_logger().setLevel("WARNING")  # where Python is interactive (Jupyter) it says INFO too
 
 
 _load_tensorflow_quietly()
@@ -165,18 +166,18 @@ def setup_script_without_main() -> None:
     sys.excepthook = hook
 
 
-def ensure_out_dir(path: str | os.PathLike) -> Path:
-    """Create the output folder, or say in one line why it cannot be used."""
+def ensure_out_dir(path: str | os.PathLike, flag: str = "--out-dir") -> Path:
+    """Create the output folder, or say in one line why it cannot be used (named as `flag`)."""
     out_dir = Path(path)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+        raise UserError(f"{flag} {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test.{os.getpid()}"  # os.access would not see a read-only mount
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise UserError(f"--out-dir {out_dir} is not writable ({error.strerror})") from None
+        raise UserError(f"{flag} {out_dir} is not writable ({error.strerror})") from None
     return out_dir
 
 

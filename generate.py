@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     z, titles, about = latent_points(args, model.latent_dim)
     probabilities = model.sample(tf.constant(z)).numpy()  # decode, then sigmoid
 
-    cli.ensure_out_dir(out.parent)
+    cli.ensure_out_dir(out.parent, flag="--out's folder")
     written = [out]
     if args.npy:
         written.append(out.with_suffix(".npy"))

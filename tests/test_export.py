@@ -198,6 +198,7 @@ BAD_GENERATE_INPUT = {
     "two modes": (["--num", "4", "--z", "0,0"], "argument --z: not allowed with argument --num"),
     "steps alone": (["--steps", "4"], "--steps is for --interpolate"),
     "not a png": (["--out", "{tmp}/digits.jpg"], "give a name ending in .png"),
+    "out in a file": (["--out", "{tmp}/notes.txt/digits.png"], "--out's folder"),
 }
 
 
@@ -208,6 +209,7 @@ def test_generate_refuses_bad_input_in_one_line_writing_nothing(case, runs, tmp_
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     if "--out-dir" not in args:
         args = ["--out-dir", str(runs["fp32"]), *args]
+    (tmp_path / "notes.txt").write_text("keep me\n")
     before = sorted(runs["fp32"].iterdir()), sorted(tmp_path.iterdir())
     monkeypatch.setattr(sys, "argv", ["generate.py"])
     with pytest.raises(SystemExit) as stop:
@@ -217,3 +219,4 @@ def test_generate_refuses_bad_input_in_one_line_writing_nothing(case, runs, tmp_
     assert len(lines) == 1 and lines[0].startswith("generate.py: error:"), lines
     assert expected in lines[0]
     assert (sorted(runs["fp32"].iterdir()), sorted(tmp_path.iterdir())) == before
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
