@@ -117,11 +117,12 @@ def _number(kind: type, minimum: float, what: str,
 positive_int = _number(int, 1, "a whole number >= 1")
 non_negative_int = _number(int, 0, "a whole number >= 0")
 seed_int = _number(int, 0, "a whole number from 0 to 2**32 - 1", maximum=2**32 - 1)
-def int_between(low: int, high: int) -> Callable[[str], int | float]:
-    return _number(int, low, f"a whole number from {low} to {high}", maximum=high)
-
-
 positive_float = _number(float, sys.float_info.min, "a finite number > 0", maximum=sys.float_info.max)
+
+
+def int_between(low: int, high: int) -> Callable[[str], int | float]:
+    """A flag's type: a whole number from `low` to `high`."""
+    return _number(int, low, f"a whole number from {low} to {high}", maximum=high)
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
@@ -203,17 +204,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """atomic_path for a folder: yield a temporary folder beside `path`; once written and
-    synced, it takes the place of the old one, which is then deleted."""
+    synced, it takes the place of the old one, which is then deleted (or put back, if the
+    new one cannot take its place). A kill in between leaves the old one as .*.tmp.old."""
     path = Path(path)
     tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.tmp.{end}") for end in ("new", "old"))
     try:
         yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
+        for written in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
+            _fsync(written)
+        _fsync(tmp)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,11 +63,9 @@ def show(path: Path) -> None:
 
 cli.setup_script_without_main()  # bad input: one line, not a traceback
 
-# train.py's flags, with the tutorial's recipe as their defaults: from the command line,
-# or in a notebook, whose kernel has a command line of its own, from the variable CVAE_FLAGS
-# (CVAE_FLAGS="--epochs 1" jupyter lab; on Colab, %env CVAE_FLAGS=--epochs 1). A notebook is
-# re-run from the top, so each run replaces the last one in its own folder (another
-# --out-dir is never replaced without --overwrite).
+# train.py's flags, with the tutorial's recipe as defaults: from the command line, or in a
+# notebook (whose kernel has its own) from CVAE_FLAGS, e.g. %env CVAE_FLAGS=--epochs 1.
+# A notebook re-run replaces its last run in output/notebook, never another --out-dir.
 NOTEBOOK_DIR = "output/notebook"
 parser = train.build_parser()
 parser.prog = "cvae_tensorflow.py"

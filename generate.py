@@ -27,7 +27,6 @@ import network
 import pictures
 import run_folder
 
-DEFAULT_NUM = 16  # the tutorial's 4x4 grid
 MAX_DIGITS = 400  # in one picture; the SavedModel draws any number
 OUT_NAME = "generated.png"
 
@@ -35,13 +34,13 @@ OUT_NAME = "generated.png"
 def latent_point(text: str) -> np.ndarray:
     """A latent point from the command line: numbers separated by commas, e.g. 0.5,-1.2."""
     try:
-        point = np.array([float(number) for number in text.split(",")], dtype=np.float32)
+        point = np.array([float(number) for number in text.split(",")])
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not numbers separated by commas, "
                                          f"like 0.5,-1.2") from None
-    if not np.all(np.isfinite(point)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not finite")
-    return point
+    if not np.all(np.abs(point) <= np.finfo(np.float32).max):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite in float32")
+    return point.astype(np.float32)
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -50,7 +49,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--out-dir", default=run_folder.OUT_DIR,
                         help=f"the run folder whose exported model ({network.KERAS_FILE}) draws")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--num", type=cli.int_between(1, MAX_DIGITS), default=DEFAULT_NUM,
+    what.add_argument("--num", type=cli.int_between(1, MAX_DIGITS),
+                      default=pictures.NUM_EXAMPLES_TO_GENERATE,
                       help="how many digits to draw from the prior, z ~ N(0, I)")
     what.add_argument("--z", type=latent_point, action="append", metavar="Z",
                       help="decode this latent point, e.g. 0.5,-1.2 (repeat the flag for more)")
@@ -58,13 +58,15 @@ def build_parser() -> cli.ArgumentParser:
                       help="decode a walk from latent point A to B, e.g. -2,0 2,0")
     parser.add_argument("--steps", type=cli.int_between(2, MAX_DIGITS), default=10,
                         help="points on the --interpolate walk, both ends included")
-    parser.add_argument("--seed", type=cli.seed_int, default=0, help="seed for the draws from the prior")
+    parser.add_argument("--seed", type=cli.seed_int, default=0,
+                        help="seed for the draws from the prior (--num)")
     parser.add_argument("--out", default=None,
                         help=f"the PNG to write (default: {OUT_NAME} in --out-dir)")
     parser.add_argument("--npy", action="store_true",
                         help="also write the pixel probabilities, (N, 28, 28, 1) float32, "
                              "beside the PNG as .npy")
-    # A latent point may start with a minus: -2,0 is a value, not an unknown flag.
+    # A latent point may start with a minus: -2,0 is a value, not an unknown flag (argparse
+    # takes only plain negative numbers for values; --z=-2,0 works everywhere).
     parser._negative_number_matcher = re.compile(r"^-\.?\d")
     return parser
 
@@ -103,24 +105,30 @@ def save_digits(probabilities: np.ndarray, titles: Sequence[str], title: str, pa
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if "steps" in cli.explicit_flags(parser, argv) and args.interpolate is None:
+    given = cli.explicit_flags(parser, argv)
+    if "steps" in given and args.interpolate is None:
         raise cli.UserError("--steps is for --interpolate")
+    if "seed" in given and (args.z or args.interpolate):
+        raise cli.UserError("--seed is for draws from the prior (--num), not given points")
     out = Path(args.out) if args.out else Path(args.out_dir) / OUT_NAME
     if out.suffix.lower() != ".png":
         raise cli.UserError(f"--out {out}: the picture is a PNG; give a name ending in .png")
+    written = [out, out.with_suffix(".npy")] if args.npy else [out]
+    for path in written:
+        if path.is_dir():
+            raise cli.UserError(f"{path} is a folder; give --out a file name")
     model = network.load_model(args.out_dir)
     z, titles, about = latent_points(args, model.latent_dim)
     probabilities = model.sample(tf.constant(z)).numpy()  # decode, then sigmoid
 
     cli.ensure_out_dir(out.parent, flag="--out's folder")
-    written = [out]
+    columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
+    what = f"{len(z)} digit{'s' * (len(z) > 1)} decoded from {about}"
+    save_digits(probabilities, titles, what, out, columns)
     if args.npy:
-        written.append(out.with_suffix(".npy"))
         with cli.atomic_path(written[-1]) as tmp:
             np.save(tmp, probabilities)
-    columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
-    save_digits(probabilities, titles, f"{len(z)} digits decoded from {about}", out, columns)
-    print(f"Wrote {' and '.join(map(str, written))}: {len(z)} digits decoded from {about}")
+    print(f"Wrote {' and '.join(map(str, written))}: {what}")
 
 
 if __name__ == "__main__":

@@ -149,8 +149,9 @@ def load_model(path: str | Path) -> CVAE:
                             f"--out-dir RUN exports one from a run's checkpoints")
     try:
         model = tf.keras.models.load_model(file)
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise cli.UserError(f"{file} is not a saved model ({cli.first_line(error)})") from None
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        raise cli.UserError(f"{file} is not a Keras .keras archive of a model "
+                            f"({cli.first_line(error)})") from None
     if not isinstance(model, CVAE):
         raise cli.UserError(f"{file} holds a {type(model).__name__}, not a CVAE")
     return model

@@ -30,7 +30,9 @@ def test_the_notebook_is_the_scripts_cells_without_outputs():
     assert cells(committed) == cells(jupytext.read(SCRIPT)), f"cvae_tensorflow.ipynb is stale: {REMAKE}"
     for cell in committed.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"cvae_tensorflow.ipynb was saved with outputs (clear them: Jupyter's Edit menu, "
+                f"Clear Outputs of All Cells, then save): {cell.source[:60]}")
     assert committed.metadata.kernelspec.name == "python3"
 
 
@@ -77,6 +79,7 @@ def test_the_notebook_runs_in_a_kernel_on_tiny_data(python3_kernel, tiny_npz, tm
     assert iio.imread(out / "cvae.gif", index=None).shape[0] == 2  # epochs 0 and 1
     with open(out / "metrics.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1"]
+    assert (out / "cvae.keras").is_file() and (out / "cvae_savedmodel" / "saved_model.pb").is_file()
 
 
 def test_opened_alone_the_notebook_says_in_one_line_how_to_get_the_project(python3_kernel, tmp_path):
