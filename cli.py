@@ -33,6 +33,19 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(null)
 
 
+def hide_native_logs() -> None:
+    """From now on, keep Python's stderr (our lines, a traceback) but send what C++ writes to
+    fd 2 to /dev/null: a multi-worker run logs its cluster, and a lost worker in pages of
+    gRPC errors. Not where TF_CPP_MIN_LOG_LEVEL is 0 or 1."""
+    if os.environ[TF_LOG_LEVEL] in ("0", "1"):
+        return
+    sys.stderr.flush()
+    sys.stderr = open(os.dup(2), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+
 def _load_tensorflow_quietly() -> None:
     """Load TensorFlow and find its devices without its C++ start-up logs (oneDNN and
     CUDA notices), and log only its errors from then on; TF_CPP_MIN_LOG_LEVEL=0 or 1

@@ -84,6 +84,27 @@ def split_slice(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Ten
     return tensor[size * index // count:size * (index + 1) // count]
 
 
+def checkpoint_folder(strategy: tf.distribute.Strategy) -> str:
+    """Where this process keeps its checkpoints, in its run folder: the chief in checkpoints/,
+    another worker in checkpoints-worker-N/, for its own --resume (a shared folder or not)."""
+    if is_chief(strategy):
+        return "checkpoints"
+    return f"checkpoints-{strategy.cluster_resolver.task_type}-{strategy.cluster_resolver.task_id}"
+
+
+def from_every_worker(strategy: tf.distribute.Strategy, value: int) -> list[int]:
+    """`value` as each worker of a multi-worker run has it (every worker must ask)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return [value]
+    gathered = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
+    return [int(each) for each in gathered.numpy()]
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Wait here until every worker of a multi-worker run has come here too."""
+    from_every_worker(strategy, 0)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the run's outputs: always, but in a multi-worker run,
     where only the chief (or worker 0, if no task is named chief) does."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
+import typing
 from pathlib import Path
 
 import cli  # first: it loads TensorFlow without its start-up logs
@@ -34,12 +37,15 @@ CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_r
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
                 "kl": str, "dataset": str, "precision": str, "data": (str, type(None)),
                 "data_sha256": str}
-# What a run (train.py, then evaluate.py and generate.py) writes in its folder: --overwrite
-# removes these alone.
-RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "image_at_epoch_*.png",
+# What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
+# --overwrite removes these alone.
+RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
+               "image_at_epoch_*.png",
                "cvae.gif", "latent_manifold.png", network.KERAS_FILE, network.SAVEDMODEL_DIR,
                "evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
                "interpolation.png", "training_curves.png", "generated.*", ".*.tmp.*")
+LOCK_FILE = ".run.lock"  # held by the process that trains in the folder (hold)
+_HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
 METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
 
 
@@ -81,8 +87,8 @@ def read_metrics(path: Path) -> list[dict]:
 # config.json, the data, and where to start
 
 
-def holds_run(out_dir: Path) -> bool:
-    return any(any(out_dir.glob(pattern)) for pattern in RUN_OUTPUTS)
+def holds_run(out_dir: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> bool:
+    return any(any(out_dir.glob(pattern)) for pattern in outputs)
 
 
 def load_config(out_dir: Path) -> dict:
@@ -154,6 +160,25 @@ def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
     return model, config, checkpoint_path, epoch
 
 
+def checkpoint_epoch(prefix: str | None) -> int:
+    """The epoch a checkpoint (checkpoints/ckpt-N) marks complete; 0 for none."""
+    return int(Path(prefix).name.split("-")[1]) if prefix else 0
+
+
+def agreed_checkpoint(resume_from: str | None, epochs: list[int], folder: Path) -> str | None:
+    """The checkpoint that this worker resumes from: that of the last epoch every worker has
+    (`epochs`: each one's latest), from its own `folder` or the chief's checkpoints/ beside."""
+    epoch = min(epochs)
+    if epoch == max(epochs):
+        return resume_from
+    for candidate in (folder, folder.parent / "checkpoints"):
+        if epoch and (candidate / f"ckpt-{epoch}.index").exists():
+            return str(candidate / f"ckpt-{epoch}")
+    raise cli.UserError(f"the workers cannot resume together: their last complete epochs are "
+                        f"{epoch} to {max(epochs)}, and {folder} has no checkpoint of epoch {epoch}; "
+                        f"give every worker its own folder back, or one shared run folder")
+
+
 @dataclasses.dataclass
 class Run:
     config: dict  # the settings, as stored in config.json
@@ -165,14 +190,40 @@ class Run:
     resume_from: str | None  # the checkpoint to continue from, if any
 
 
-def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
+def hold(out_dir: Path) -> None:
+    """Hold the run folder for the rest of this process (an flock on .run.lock, which the
+    system lets go of when the process ends, even killed); refuse it while another holds it."""
+    if out_dir.resolve() in _HELD:  # a notebook run again, in the same kernel
+        return
+    lock = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 (kept open: it is the lock)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise cli.UserError(f"{out_dir} is in use by a run in progress (process {holder}); let it "
+                            f"finish or stop it first, or use another --out-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD[out_dir.resolve()] = lock
+
+
+def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
+                checkpoint_folder: str = "checkpoints") -> Run:
     """Settle the run's settings, data and starting point from the flags (`given`: those
     typed) and the run folder. A new run takes the flags; --resume takes config.json and
-    refuses a flag or data that contradicts it. Every check comes before the first write."""
+    refuses a flag or data that contradicts it. Every check comes before the first write,
+    and the `chief` holds the folder from then on. (Another worker keeps its checkpoints in
+    its own `checkpoint_folder`, or finds the chief's in a shared run folder.)"""
     if args.resume and args.overwrite:
         raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
                             "choose one")
     out_dir = cli.ensure_out_dir(args.out_dir)
+    # What this process answers for: the whole run; or, for another worker, its checkpoints
+    # (in one shared run folder, the chief's files are the chief's to check and replace).
+    own_outputs = RUN_OUTPUTS if chief else (checkpoint_folder,)
     flags = {key: getattr(args, key) for key in ("epochs", *RUN_SETTINGS)}
     if args.resume:
         config = load_config(out_dir)
@@ -186,7 +237,7 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
             config["epochs"] = flags["epochs"]
         source = args.data or config["data"]
     else:
-        if holds_run(out_dir) and not args.overwrite:
+        if holds_run(out_dir, own_outputs) and not args.overwrite:
             raise cli.UserError(f"{out_dir} already holds a run; continue it with --resume, or "
                                 f"replace it with --overwrite")
         source = dataset.data_source(args.data)
@@ -198,13 +249,20 @@ def prepare_run(args: argparse.Namespace, given: set[str]) -> Run:
     if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
                             f"got {len(test_images)}")
-    resume_from, done = latest_intact_checkpoint(out_dir / "checkpoints") if args.resume else (None, 0)
+    resume_from, done = None, 0
+    if args.resume:  # this worker's checkpoints, else (one shared run folder) the chief's
+        for folder in dict.fromkeys((checkpoint_folder, "checkpoints")):
+            resume_from, done = latest_intact_checkpoint(out_dir / folder)
+            if resume_from:
+                break
     if resume_from and config["epochs"] < done:
         raise cli.UserError(f"--epochs {config['epochs']}: the run in {out_dir} has done {done} "
                             f"epochs already")
 
+    if chief:
+        hold(out_dir)
     if args.overwrite:
-        for pattern in RUN_OUTPUTS:
+        for pattern in own_outputs:
             for path in out_dir.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     with cli.atomic_path(out_dir / "config.json") as tmp:

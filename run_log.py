@@ -8,7 +8,6 @@ import math
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import cli  # first: it loads TensorFlow without its start-up logs
@@ -26,11 +25,12 @@ LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
 
 class RunLog:
     """A run's `rng` (all its noise), the tutorial's `test_sample` and its noise, and its
-    checkpoints, TensorBoard and metrics.csv. Every worker of a multi-worker run saves
-    checkpoints (all but the chief's to a folder it deletes); only the chief writes more."""
+    checkpoints, TensorBoard and metrics.csv. Every worker of a multi-worker run saves its
+    checkpoints, in `checkpoint_folder` of its run folder; only the chief writes more."""
 
     def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
-                 test_images: np.ndarray, seed: int, out_dir: Path, chief: bool = True) -> None:
+                 test_images: np.ndarray, seed: int, out_dir: Path, chief: bool = True,
+                 checkpoint_folder: str = "checkpoints") -> None:
         self.out_dir, self.chief, self.metrics = out_dir, chief, []
         self.rng = tf.random.Generator.from_seed(seed)
         # The same 16 test digits and noise every epoch: the frames differ only by training.
@@ -42,8 +42,7 @@ class RunLog:
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, rng=self.rng, epoch=tf.Variable(0, dtype=tf.int64),
             sample_images=self.test_sample, sample_eps=self.sample_eps)
-        self.checkpoint_dir = (out_dir / "checkpoints" if chief
-                               else Path(tempfile.mkdtemp(prefix="cvae-worker-")))
+        self.checkpoint_dir = out_dir / checkpoint_folder
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.checkpoint_dir),
                                                   max_to_keep=KEEP_CHECKPOINTS)
         self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
@@ -78,10 +77,6 @@ class RunLog:
             run_folder.save_metrics(self.metrics, self.out_dir / "metrics.csv")
         self.checkpoint.epoch.assign(epoch)
         self.manager.save(checkpoint_number=epoch)
-
-    def close(self) -> None:
-        if not self.chief:
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
 
 class EpochProgress:
@@ -124,6 +119,45 @@ class EpochProgress:
     @property
     def complete(self) -> bool:
         return self.seen == self.num_images
+
+
+# Errors of the machine, not of the run: a full disk, a folder made read-only or gone.
+MACHINE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
+                  tf.errors.NotFoundError, tf.errors.DataLossError)
+# What a multi-worker run's collectives raise when a worker is gone, killed or silent.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                      tf.errors.AbortedError)
+
+
+def _cause(error: Exception) -> str:
+    """An error's cause in a few words: the path and the reason, or the peer's last word."""
+    if isinstance(error, OSError):
+        path = error.filename2 or error.filename  # a rename's target, or the file written
+        return f"{path}: {error.strerror}" if path else str(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    aborted = [i for i, line in enumerate(lines) if "aborted by:" in line]  # a collective's peer
+    text = lines[aborted[-1]].split("aborted by:")[-1] if aborted else lines[0]
+    if aborted and text.endswith(":") and aborted[-1] + 1 < len(lines):
+        text += " " + lines[aborted[-1] + 1]  # the task it names
+    return text.split("}} ")[-1].replace(" [Op:SaveV2]", "").strip()[:200]
+
+
+def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.ScriptError:
+    """The one line that ends a run the machine stopped (exit code 1): the cause, what is
+    saved, and how to go on. A checkpoint the error cut short is removed."""
+    for unfinished in checkpoint_dir.glob("ckpt-*_temp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
+    saved = [int(index.stem.split("-")[1]) for index in checkpoint_dir.glob("ckpt-*.index")]
+    if saved:
+        then = (f"epochs up to {max(saved)} are saved. Resume with: python train.py --out-dir "
+                f"{out_dir} --resume")
+    else:
+        then = "no epoch is saved yet. Start the run again"
+    if isinstance(error, LOST_WORKER_ERRORS):
+        return cli.ScriptError(f"a worker of the run was lost ({_cause(error)}); {then}, on every "
+                               f"worker", exit_code=1)
+    return cli.ScriptError(f"cannot write the run in {out_dir} ({_cause(error)}); {then}, once "
+                           f"that is mended", exit_code=1)
 
 
 class GracefulStop:

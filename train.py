@@ -189,7 +189,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     if not optimizer.built:  # its variables must exist before train_steps is traced
         with strategy.scope():
             optimizer.build(model.trainable_variables)
-    log = run_log.RunLog(model, optimizer, test_images, seed, out_dir, chief)
+    log = run_log.RunLog(model, optimizer, test_images, seed, out_dir, chief,
+                         distribute.checkpoint_folder(strategy))
     rng = log.rng  # all noise: training, the test ELBO, the grid
     train_steps = make_train_function(model, optimizer, rng, kl=kl, strategy=strategy,
                                       shards=shards)
@@ -201,6 +202,9 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             pictures.generate_and_save_images(model, epoch, log.test_sample, log.sample_eps, out_dir)
         log.end_epoch(epoch, row, loss_points)
 
+    # Every worker of a multi-worker run goes on from the last epoch that all of them have.
+    resume_from = run_folder.agreed_checkpoint(resume_from, distribute.from_every_worker(
+        strategy, run_folder.checkpoint_epoch(resume_from)), log.checkpoint_dir)
     if resume_from:
         done = log.restore(resume_from, epochs)
     else:
@@ -233,34 +237,11 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             end_epoch(epoch, progress.row(elbo, seconds), progress.loss_points)
             if stop.signal and epoch < epochs:
                 raise stop.stopped(f"after epoch {epoch}", epoch, out_dir)
-    log.close()
     return log.metrics
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    shards = speedups.setup_shards(args.shards, args.strategy)  # before TensorFlow starts
-    strategy = distribute.make_strategy(args.strategy, args.devices)
-    run = run_folder.prepare_run(args, cli.explicit_flags(parser, argv))
-    config, out_dir = run.config, run.out_dir
-    print(distribute.describe(strategy, shards))
-    print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
-          f"writing to {out_dir}/")
-
-    # The same seed must give the same run: the weights start from it, and deterministic
-    # kernels keep a resumed run bit-identical (on a GPU: deterministic convolutions).
-    tf.config.experimental.enable_op_determinism()
-    tf.keras.utils.set_random_seed(config["seed"])
-    with strategy.scope():  # the variables live on the strategy's devices
-        model = network.CVAE(config["latent_dim"], config["precision"])
-        optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
-    fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
-        batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
-        resume_from=run.resume_from, kl=config["kl"], strategy=strategy, shards=shards)
-    if not distribute.is_chief(strategy):
-        return
-
+def save_final_outputs(model: network.CVAE, config: dict, out_dir: Path) -> None:
+    """The chief's last outputs: the GIF of the grids, the manifold, the exported model."""
     frames = [pictures.grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
     pictures.save_gif(frames, out_dir / "cvae.gif")
     print(f"Wrote {out_dir / 'cvae.gif'} ({len(frames)} frames)")
@@ -272,7 +253,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.export_model(model, out_dir)  # the trained model, to use without this script
     print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/ "
           f"(python generate.py --out-dir {out_dir} draws digits from them)")
-    if (peak := cli.peak_memory_gib()) is not None:
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shards = speedups.setup_shards(args.shards, args.strategy)  # before TensorFlow starts
+    if args.strategy == "multiworker":
+        cli.hide_native_logs()  # its cluster's logs, and a lost worker's pages of gRPC errors
+    strategy = distribute.make_strategy(args.strategy, args.devices)
+    chief, checkpoint_folder = distribute.is_chief(strategy), distribute.checkpoint_folder(strategy)
+    out_dir = Path(args.out_dir)
+    try:  # a lost worker or a full disk ends the run in one line
+        if not chief:  # the chief checks and sets up the run folder first: it may be shared
+            distribute.barrier(strategy)
+        run = run_folder.prepare_run(args, cli.explicit_flags(parser, argv), chief, checkpoint_folder)
+        if chief:
+            distribute.barrier(strategy)
+        config, out_dir = run.config, run.out_dir
+        print(distribute.describe(strategy, shards))
+        print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
+              f"writing to {out_dir}/")
+
+        # The same seed must give the same run: the weights start from it, and deterministic
+        # kernels keep a resumed run bit-identical (on a GPU: deterministic convolutions).
+        tf.config.experimental.enable_op_determinism()
+        tf.keras.utils.set_random_seed(config["seed"])
+        with strategy.scope():  # the variables live on the strategy's devices
+            model = network.CVAE(config["latent_dim"], config["precision"])
+            optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
+        fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
+            batch_size=config["batch_size"], seed=config["seed"], out_dir=out_dir,
+            resume_from=run.resume_from, kl=config["kl"], strategy=strategy, shards=shards)
+        if chief:
+            save_final_outputs(model, config, out_dir)
+    except (*run_log.MACHINE_ERRORS, *run_log.LOST_WORKER_ERRORS) as error:
+        raise run_log.interrupted(error, out_dir, out_dir / checkpoint_folder) from None
+    if chief and (peak := cli.peak_memory_gib()) is not None:
         print(f"Peak memory (RSS): {peak:.2f} GiB")
 
 

@@ -84,7 +84,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, data, refere
     assert process.returncode == -signal.SIGKILL
     assert not (out / "cvae.gif").exists()  # it really stopped before the end
 
-    result = run_script("train.py", "--out-dir", out, "--resume")  # settings from config.json
+    # Settings from config.json; and the killed run no longer holds the folder.
+    result = run_script("train.py", "--out-dir", out, "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resuming" in result.stdout
     assert_same_run(out, reference)
@@ -260,3 +261,70 @@ def test_an_unusable_out_dir_is_refused(tmp_path, data, where, expected):
     assert len(lines) == 1 and expected in lines[0], lines
     if where == "file":
         assert out.read_text() == "keep me\n"
+
+
+def test_a_run_holds_its_folder_while_evaluate_may_read_it(tmp_path, data):
+    out = tmp_path / "busy"
+    # Long epochs (batch 8), so that it still trains while the others start.
+    args = ["--data", str(data), "--out-dir", str(out), "--epochs", "100", "--batch-size", "8"]
+    process = start_and_wait_for_epoch(args, out, epoch=1)
+    try:
+        for flag in ("--resume", "--overwrite"):
+            result = run_script("train.py", *args[:4], flag)
+            assert result.returncode == 2, result.stderr[-2000:]
+            lines = stderr_lines(result.stderr)
+            assert len(lines) == 1 and f"{out} is in use by a run in progress (process " \
+                f"{process.pid})" in lines[0], lines
+            assert (out / "config.json").is_file() and (out / "checkpoints").is_dir()
+        result = run_script("evaluate.py", "--out-dir", out, "--iw-samples", "2", "--data", data)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert process.poll() is None  # all the while, the run trained on
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_write_that_fails_mid_run_stops_in_one_line_and_resumes(tmp_path, reference):
+    out = tmp_path / "blocked"
+    shutil.copytree(reference, out)
+    blocker = out / "image_at_epoch_0004.png"
+    blocker.mkdir()  # epoch 4's grid cannot take its place
+    result = run_script("train.py", "--out-dir", out, "--resume", "--epochs", str(EPOCHS + 1))
+    assert result.returncode == 1
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    assert f"cannot write the run in {out} ({blocker}: Is a directory); epochs up to {EPOCHS} " \
+        f"are saved. Resume with: python train.py --out-dir {out} --resume, once that is mended" in lines[0]
+    assert [int(row[0]) for row in metrics(out)] == list(range(EPOCHS + 1))
+    blocker.rmdir()
+    result = run_script("train.py", "--out-dir", out, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [int(row[0]) for row in metrics(out)] == list(range(EPOCHS + 2))
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 3 MiB file system (tmpfs), where this machine lets a test mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a file system needs root (or CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_elsewhere(tmp_path, data, small_disk):
+    out = small_disk / "run"
+    result = run_script("train.py", *train_args(data, out)[:-2], "--epochs", "20")
+    assert result.returncode == 1
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+    saved = max(int(path.stem.split("-")[1]) for path in (out / "checkpoints").glob("ckpt-*.index"))
+    assert f"epochs up to {saved} are saved" in lines[0] and f"--out-dir {out} --resume" in lines[0]
+    assert not list((out / "checkpoints").glob("*_temp"))  # the checkpoint it cut short
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    result = run_script("train.py", "--out-dir", moved, "--resume", "--epochs", str(saved + 1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Resuming {moved} after epoch {saved}" in result.stdout

@@ -48,7 +48,7 @@ def test_train_script_writes_every_output(tiny_npz, tmp_path):
     assert_ok(result)
     expected = {f"image_at_epoch_{e:04d}.png" for e in range(3)} | {
         "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints", "tensorboard",
-        "cvae.keras", "cvae_savedmodel"}
+        "cvae.keras", "cvae_savedmodel", ".run.lock"}
     assert {p.name for p in out.iterdir()} == expected  # nothing else, no temporary files
     assert iio.imread(out / "cvae.gif", index=None).shape[0] == 3
     with open(out / "metrics.csv") as file:
@@ -103,8 +103,8 @@ def test_notebook_script_runs_top_to_bottom(tiny_npz, tmp_path):
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--seed",
                   "--out-dir", "--data", "--train-size", "--test-size", "--precision", "--strategy",
                   "--devices", "--shards"]),
-    ("benchmarks/benchmark.py", ["--data", "--train-size", "--repeats", "--steps", "--variants",
-                                 "--out-dir"]),
+    ("benchmarks/benchmark.py", ["--data", "--train-size", "--repeats", "--steps", "--batch-size",
+                                 "--variants", "--out-dir"]),
 ])
 def test_help_documents_every_flag_with_its_default(script, flags):
     result = run_script(script, "--help")
