@@ -47,7 +47,7 @@ import cli  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from variants import BATCH_SIZE, SETTINGS, VARIANTS, Variant, train_flops_per_image  # noqa: E402
+from variants import SETTINGS, VARIANTS, Variant, train_flops_per_image  # noqa: E402
 
 import dataset  # noqa: E402
 import speedups  # noqa: E402
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timings of each kind per variant; the table shows their median")
     parser.add_argument("--steps", type=cli.positive_int, default=200,
                         help="train steps per timing of the compiled step")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=train.BATCH_SIZE,
+                        help="the batch of every variant (the tutorial's is 32)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--out-dir", default="output/benchmark",
@@ -104,16 +106,17 @@ def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object
 
 
 def serve(name: str, data: str | None, dataset_name: str, train_size: int | None,
-          connection: Connection) -> None:
+          batch_size: int, connection: Connection) -> None:
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
     shards = speedups.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
-    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards)
+    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards,
+                      batch_size)
     variant.steps(1)
     connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
                      "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
-                     "flops_per_step": train_flops_per_image(variant.model) * BATCH_SIZE})
+                     "flops_per_step": train_flops_per_image(variant.model) * batch_size})
     jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
     while (command := connection.recv()) != ("stop",):
         job, *arguments = command
@@ -125,12 +128,13 @@ class Worker:
     """The parent's end of a variant's process."""
 
     def __init__(self, name: str, data: str | None, train_size: int | None,
-                 dataset_name: str = "mnist") -> None:
+                 dataset_name: str = "mnist", batch_size: int = train.BATCH_SIZE) -> None:
         self.name = name
         self.connection, child_end = multiprocessing.Pipe()
         # spawn: a fresh interpreter, whose TensorFlow has not started yet
         self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(name, data, dataset_name, train_size, child_end), daemon=True)
+            target=serve, args=(name, data, dataset_name, train_size, batch_size, child_end),
+            daemon=True)
         self.process.start()
         child_end.close()  # the child's alone now: its end closes when it stops
         self.ready: dict = self._answer()
@@ -170,13 +174,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = dataset.data_source(args.data)
     # Checked here, before any process starts.
     (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size, name=args.dataset)
-    if len(train_images) < BATCH_SIZE:
+    if len(train_images) < args.batch_size:
         raise cli.UserError(f"--train-size {args.train_size}: an epoch needs at least "
-                            f"{BATCH_SIZE} images")
+                            f"{args.batch_size} images (--batch-size)")
 
     # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:
     # from a process's launch to the end of the first step train.py would take.
-    workers = {name: Worker(name, data, args.train_size, args.dataset) for name in names}
+    workers = {name: Worker(name, data, args.train_size, args.dataset, args.batch_size)
+               for name in names}
     first = workers.get("fp32") or next(iter(workers.values()))
     startup = {key: first.ready[key] for key in ("to_first_step_seconds", "import_seconds")}
     print(f"Start-up ({first.name}): {startup['to_first_step_seconds']:.1f} s from launch to the "
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     gflops_bf16 = matmul_gflops(tf.bfloat16, args.repeats)
     flops_per_step = first.ready["flops_per_step"]
     print(f"Matmul {MATMUL_SIZE}^2: fp32 {gflops_fp32:.0f} GFLOP/s, bf16 {gflops_bf16:.0f} GFLOP/s; "
-          f"a train step is {flops_per_step / 1e9:.2f} GFLOP at batch {BATCH_SIZE}")
+          f"a train step is {flops_per_step / 1e9:.2f} GFLOP at batch {args.batch_size}")
 
     for worker in workers.values():  # warm-up: tracing, and the first epoch's allocations
         worker.ask("steps", args.steps)
@@ -222,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         epoch = float(np.median(timings[name]["epoch_seconds"]))
         evaluation = float(np.median(timings[name]["eval_seconds"]))
         rows.append({
-            "variant": name, "ms_per_step": step * 1e3, "images_per_second": BATCH_SIZE / step,
+            "variant": name, "ms_per_step": step * 1e3, "images_per_second": args.batch_size / step,
             "gflops_per_second": flops_per_step / step / 1e9,
             "fraction_of_fp32_matmul": flops_per_step / step / 1e9 / gflops_fp32,
             "epoch_seconds": epoch, "epoch_ratio": ratio(name, "epoch_seconds"),
@@ -247,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "cpus": os.cpu_count(),
                     "gpus": len(tf.config.list_physical_devices("GPU")),
                     "tensorflow": tf.__version__},
-        "settings": {"batch_size": BATCH_SIZE, "train_images": len(train_images),
+        "settings": {"batch_size": args.batch_size, "train_images": len(train_images),
                      "test_images": len(test_images), "repeats": args.repeats, "steps": args.steps,
                      "steps_per_call": train.STEPS_PER_CALL,
                      "shards": {name: worker.ready["shards"] for name, worker in workers.items()}},

@@ -18,7 +18,6 @@ import dataset  # noqa: E402
 import network  # noqa: E402
 import train  # noqa: E402
 
-BATCH_SIZE = train.BATCH_SIZE
 # Each variant's (--precision, steps per call, --shards); None: train.py's default.
 SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
             "fp32 1 shard": ("fp32", train.STEPS_PER_CALL, 1),
@@ -83,8 +82,8 @@ class Variant:
     evaluate: Callable[[], float]
 
     def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
-                 shards: int) -> None:
-        self.name = name
+                 shards: int, batch_size: int = train.BATCH_SIZE) -> None:
+        self.name, self.batch_size = name, batch_size
         tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
         precision, steps_per_call, _ = SETTINGS[name]
         self.model = network.CVAE(train.LATENT_DIM, precision)
@@ -107,12 +106,13 @@ class Variant:
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
 
+        batch_size = self.batch_size
         train_dataset = (tf.data.Dataset.from_tensor_slices(train_images)
-                         .shuffle(len(train_images)).batch(BATCH_SIZE))
+                         .shuffle(len(train_images)).batch(batch_size))
         test_dataset = (tf.data.Dataset.from_tensor_slices(test_images)
-                        .shuffle(len(test_images)).batch(BATCH_SIZE))
-        in_memory = [tf.constant(train_images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])
-                     for i in range(len(train_images) // BATCH_SIZE)]
+                        .shuffle(len(test_images)).batch(batch_size))
+        in_memory = [tf.constant(train_images[i * batch_size:(i + 1) * batch_size])
+                     for i in range(len(train_images) // batch_size)]
 
         def steps(count: int) -> None:
             for i in range(count):
@@ -124,7 +124,7 @@ class Variant:
                 train_step(x)
             optimizer.iterations.numpy()
 
-        def evaluate() -> float:  # eager, batch 32
+        def evaluate() -> float:  # eager, at the training batch size
             loss = tf.keras.metrics.Mean()
             for x in test_dataset:
                 loss(tutorial_loss(model, x))
@@ -138,16 +138,17 @@ class Variant:
         train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
         train_tensor = tf.constant(train_images)
         test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
-        num_full_batches = len(train_images) // BATCH_SIZE
+        batch_size = self.batch_size
+        num_full_batches = len(train_images) // batch_size
 
         def steps(count: int) -> None:
-            images = train_tensor[:min(count, num_full_batches) * BATCH_SIZE]
-            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
+            images = train_tensor[:min(count, num_full_batches) * batch_size]
+            for _ in train.epoch_losses(train_steps, images, batch_size, steps_per_call):
                 pass
 
         def epoch(number: int) -> None:  # what train.fit does, less its outputs
             images = dataset.epoch_images(train_tensor, train.SEED, number)
-            for _ in train.epoch_losses(train_steps, images, BATCH_SIZE, steps_per_call):
+            for _ in train.epoch_losses(train_steps, images, batch_size, steps_per_call):
                 pass
 
         self.steps, self.epoch = steps, epoch

@@ -53,7 +53,7 @@ def test_the_tutorials_loss_is_the_ports():
 def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     out_dir = tmp_path / "bench"
     result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--repeats", "1",
-                        "--steps", "2", "--out-dir", out_dir)
+                        "--steps", "2", "--batch-size", "16", "--out-dir", out_dir)
     assert result.returncode == 0, stderr_lines(result.stderr)[-20:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table] == ["variant", *variants.VARIANTS]
@@ -65,7 +65,8 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     assert all(report["settings"]["shards"][name] == 1 for name in variants.WHOLE_BATCH)
     assert report["table"][0]["epoch_ratio"] == 1.0
     assert report["matmul_gflops"]["fp32"] > 0 and report["startup"]["to_first_step_seconds"] > 0
-    assert report["train_flops_per_step"] == 32 * variants.train_flops_per_image(network.CVAE(2))
+    assert report["settings"]["batch_size"] == 16
+    assert report["train_flops_per_step"] == 16 * variants.train_flops_per_image(network.CVAE(2))
 
 
 def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
