@@ -40,10 +40,10 @@ CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_r
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
-               "image_at_epoch_*.png",
-               "cvae.gif", "latent_manifold.png", network.KERAS_FILE, network.SAVEDMODEL_DIR,
-               "evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
-               "interpolation.png", "training_curves.png", "generated.*", ".*.tmp.*")
+               "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", network.KERAS_FILE,
+               network.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
+               "latent_space.png", "interpolation.png", "training_curves.png", "generated.*",
+               ".*.tmp.*")
 LOCK_FILE = ".run.lock"  # held by the process that trains in the folder (hold)
 _HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
 METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
