@@ -148,16 +148,14 @@ def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.Sc
     for unfinished in checkpoint_dir.glob("ckpt-*_temp"):
         shutil.rmtree(unfinished, ignore_errors=True)
     saved = [int(index.stem.split("-")[1]) for index in checkpoint_dir.glob("ckpt-*.index")]
-    if saved:
-        then = (f"epochs up to {max(saved)} are saved. Resume with: python train.py --out-dir "
-                f"{out_dir} --resume")
-    else:
-        then = "no epoch is saved yet. Start the run again"
-    if isinstance(error, LOST_WORKER_ERRORS):
-        return cli.ScriptError(f"a worker of the run was lost ({_cause(error)}); {then}, on every "
-                               f"worker", exit_code=1)
-    return cli.ScriptError(f"cannot write the run in {out_dir} ({_cause(error)}); {then}, once "
-                           f"that is mended", exit_code=1)
+    lost = isinstance(error, LOST_WORKER_ERRORS)
+    what = (f"a worker of the run was lost ({_cause(error)})" if lost
+            else f"cannot write the run in {out_dir} ({_cause(error)})")
+    when = "on every worker" if lost else "once that is mended"
+    if not saved:
+        return cli.ScriptError(f"{what}; no epoch is saved yet: start the run again {when}", exit_code=1)
+    return cli.ScriptError(f"{what}; epochs up to {max(saved)} are saved. {when.capitalize()}, "
+                           f"resume with: python train.py --out-dir {out_dir} --resume", exit_code=1)
 
 
 class GracefulStop:

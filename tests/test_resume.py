@@ -294,7 +294,7 @@ def test_a_write_that_fails_mid_run_stops_in_one_line_and_resumes(tmp_path, refe
     lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, lines
     assert f"cannot write the run in {out} ({blocker}: Is a directory); epochs up to {EPOCHS} " \
-        f"are saved. Resume with: python train.py --out-dir {out} --resume, once that is mended" in lines[0]
+        f"are saved. Once that is mended, resume with: python train.py --out-dir {out} --resume" in lines[0]
     assert [int(row[0]) for row in metrics(out)] == list(range(EPOCHS + 1))
     blocker.rmdir()
     result = run_script("train.py", "--out-dir", out, "--resume")
