@@ -23,14 +23,19 @@ TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
 def _stderr_silenced() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null: C++ libraries write there, not to sys.stderr."""
     sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
+    saved = os.dup(2)
+    _fd2_to_devnull()
     try:
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(null)
+
+
+def _fd2_to_devnull() -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
 
 
 def hide_native_logs() -> None:
@@ -41,9 +46,7 @@ def hide_native_logs() -> None:
         return
     sys.stderr.flush()
     sys.stderr = open(os.dup(2), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
+    _fd2_to_devnull()
 
 
 def _load_tensorflow_quietly() -> None:

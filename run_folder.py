@@ -124,10 +124,15 @@ def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool
     return (train_images, train_labels), (test_images, test_labels), data_sha256
 
 
+def checkpoint_epoch(prefix: str | Path | None) -> int:
+    """The epoch a checkpoint (checkpoints/ckpt-N, or its ckpt-N.index) marks complete; 0 for none."""
+    return int(Path(prefix).stem.split("-")[1]) if prefix else 0
+
+
 def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     """The newest checkpoint whose every tensor reads back (checksums included), skipping
     damaged ones with a note, and its epoch; (None, 0) if there is none yet."""
-    paths = sorted(directory.glob("ckpt-*.index"), key=lambda path: int(path.stem.split("-")[1]))
+    paths = sorted(directory.glob("ckpt-*.index"), key=checkpoint_epoch)
     damaged = []
     for index in reversed(paths):
         prefix = str(index.with_suffix(""))
@@ -158,11 +163,6 @@ def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
     tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
     ).assert_existing_objects_matched()
     return model, config, checkpoint_path, epoch
-
-
-def checkpoint_epoch(prefix: str | None) -> int:
-    """The epoch a checkpoint (checkpoints/ckpt-N) marks complete; 0 for none."""
-    return int(Path(prefix).name.split("-")[1]) if prefix else 0
 
 
 def agreed_checkpoint(resume_from: str | None, epochs: list[int], folder: Path) -> str | None:

@@ -147,7 +147,7 @@ def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.Sc
     saved, and how to go on. A checkpoint the error cut short is removed."""
     for unfinished in checkpoint_dir.glob("ckpt-*_temp"):
         shutil.rmtree(unfinished, ignore_errors=True)
-    saved = [int(index.stem.split("-")[1]) for index in checkpoint_dir.glob("ckpt-*.index")]
+    saved = [run_folder.checkpoint_epoch(index) for index in checkpoint_dir.glob("ckpt-*.index")]
     lost = isinstance(error, LOST_WORKER_ERRORS)
     what = (f"a worker of the run was lost ({_cause(error)})" if lost
             else f"cannot write the run in {out_dir} ({_cause(error)})")
