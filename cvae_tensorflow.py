@@ -1,239 +1,300 @@
 # %% [markdown]
 # # Convolutional Variational Autoencoder
 #
-# The TensorFlow tutorial, top to bottom, as one notebook-style script. It trains a
-# convolutional variational autoencoder (VAE) on binarized MNIST, then draws digits
-# from what it learned. The tutorial's `train_step` and training loop are in the cells
-# below; the rest comes from the modules: `dataset.py` (data), `network.py` (the model and
-# `compute_loss`), `pictures.py` (the grid, the GIF, the manifold), `run_folder.py` and
-# `run_log.py` (the run folder, checkpoints and metrics).
-#
-# Run it as `python cvae_tensorflow.py` (it takes train.py's flags, such as
-# `--data mnist.npz` for an offline copy), or open `cvae_tensorflow.ipynb`, the same cells
-# as a notebook (made from this file by jupytext), in Jupyter, VS Code or Colab: it needs
-# the project's folder around it (see README.md). It takes one step per `tf.function`
-# call, as the tutorial does; `python train.py` compiles 50 a call.
+# The TensorFlow [tutorial](https://www.tensorflow.org/tutorials/generative/cvae), cell by
+# cell. It stands alone: open it by itself on Colab (File > Upload notebook) or in Jupyter
+# and run all; it needs TensorFlow, NumPy, Matplotlib and imageio. Pictures go to the
+# current folder; offline, set `CVAE_DATA` to a Keras-format `mnist.npz`. `network.py`
+# holds the same model and loss (a test keeps them equal); `train.py` trains them faster.
 
 # %%
+import glob
 import os
-import shlex
 import sys
 import time
-from pathlib import Path
+import warnings
 
-try:  # the project's modules sit in the notebook's folder, where Jupyter starts its kernel
-    import cli  # first: it loads TensorFlow without its start-up logs
-except ModuleNotFoundError as error:  # a notebook opened alone (Colab), or nothing installed yet
-    raise ModuleNotFoundError(
-        f"{error}: this notebook runs in the project's folder, beside its modules; clone or upload "
-        "that folder, open the notebook there (on Colab, %cd into it) and run pip install -r requirements.txt"
-    ) from None
-
+import imageio.v2 as imageio
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import PIL
 import tensorflow as tf
+from IPython import display
 
-import dataset
-import distribute
-import export
-import network
-import pictures
-import run_folder
-import run_log
-import train
+IN_NOTEBOOK = "ipykernel" in sys.modules
+if not IN_NOTEBOOK:  # run as a script: the pictures go to files, and no window opens
+    matplotlib.use("Agg")
+    warnings.filterwarnings("ignore", "FigureCanvasAgg is non-interactive")
 
+# %% [markdown]
+# ## Settings
+#
+# The tutorial's. A cell after this one may override them (papermill's `parameters` tag),
+# e.g. `epochs = 1; train_size = 2000` for a quick look: the first N images are used.
 
-def in_notebook() -> bool:
-    """Whether this runs in a Jupyter kernel (IPython), not as a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show(path: Path) -> None:
-    """Show a picture inline in a notebook; name it when run as a script."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(filename=str(path)))
-    else:
-        print(f"See {path}")
-
-
-cli.setup_script_without_main()  # bad input: one line, not a traceback
-
-# train.py's flags, with the tutorial's recipe as defaults: from the command line, or in a
-# notebook (whose kernel has its own) from CVAE_FLAGS, e.g. %env CVAE_FLAGS=--epochs 1.
-# A notebook re-run replaces its last run in output/notebook, never another --out-dir.
-NOTEBOOK_DIR = "output/notebook"
-parser = train.build_parser()
-parser.prog = "cvae_tensorflow.py"
-parser.set_defaults(out_dir=NOTEBOOK_DIR)
-argv = shlex.split(os.environ.get("CVAE_FLAGS", "")) if in_notebook() else sys.argv[1:]
-args = parser.parse_args(argv)
-args.overwrite = args.overwrite or (args.out_dir == NOTEBOOK_DIR and not args.resume)
-if args.strategy != "default" or args.shards:
-    raise cli.UserError("the notebook runs the tutorial's step on one device, the batch whole; "
-                        "--strategy and --shards are for python train.py")
-print(distribute.describe(tf.distribute.get_strategy()))
+# %% tags=["parameters"]
+epochs = 10
+train_size = 60000
+batch_size = 32
+test_size = 10000
 
 # %% [markdown]
 # ## Load the MNIST dataset
 #
-# Each 28x28 image is a grid of grey levels. We binarize them statically (a pixel is 1
-# where its grey level is above half, else 0) and model each pixel as a Bernoulli
-# variable. `run_folder.prepare_run` loads and checks MNIST (`dataset.load_mnist`),
-# binarizes it (`dataset.binarize`) and sets up the run folder.
+# Each pixel (0-255) is modelled as a Bernoulli variable: the images are statically binarized.
 
 # %%
-run = run_folder.prepare_run(args, cli.explicit_flags(parser, argv))
-config, out_dir, train_images, test_images = run.config, run.out_dir, run.train_images, run.test_images
-print(f"train {train_images.shape}, test {test_images.shape}, values {{0, 1}}; writing to {out_dir}/")
-dataset.save_preview(train_images[:32], run.train_labels[:32], out_dir / "dataset_preview.png")
-show(out_dir / "dataset_preview.png")
+if os.environ.get("CVAE_DATA"):  # offline: a local copy of the file Keras downloads
+    if not os.path.isfile(os.environ["CVAE_DATA"]):
+        print(f"CVAE_DATA={os.environ['CVAE_DATA']}: no such file", file=sys.stderr)
+        sys.exit(2)
+    with np.load(os.environ["CVAE_DATA"]) as mnist:
+        train_images, test_images = mnist["x_train"], mnist["x_test"]
+else:
+    (train_images, _), (test_images, _) = tf.keras.datasets.mnist.load_data()
+train_images, test_images = train_images[:train_size], test_images[:test_size]
+
+
+# %%
+def preprocess_images(images):
+    images = images.reshape((images.shape[0], 28, 28, 1)) / 255.
+    return np.where(images > .5, 1.0, 0.0).astype('float32')
+
+
+train_images = preprocess_images(train_images)
+test_images = preprocess_images(test_images)
 
 # %% [markdown]
-# ## The encoder and decoder networks
-#
-# The **encoder** (inference network) takes an image x and outputs the mean and the
-# log-variance of a diagonal Gaussian q(z|x) over the latent code z. The **decoder**
-# (generative network) takes z and outputs the logits of p(x|z), one Bernoulli per pixel.
-# The prior p(z) is a standard normal.
-#
-# **Reparameterization trick.** To backpropagate through a random draw of z, we draw
-# the noise separately: z = mu + sigma * eps, with sigma = exp(logvar / 2) and
-# eps ~ N(0, I). The randomness sits in eps, and z stays differentiable in mu and sigma.
+# ## Use *tf.data* to batch and shuffle the data
 
 # %%
-tf.config.experimental.enable_op_determinism()  # same seed, same run (see train.py)
-tf.keras.utils.set_random_seed(config["seed"])
-model = network.CVAE(config["latent_dim"], config["precision"])
-model.encoder.summary()
-model.decoder.summary()
+train_dataset = (tf.data.Dataset.from_tensor_slices(train_images)
+                 .shuffle(train_size).batch(batch_size))
+test_dataset = (tf.data.Dataset.from_tensor_slices(test_images)
+                .shuffle(test_size).batch(batch_size))
+
+
+# %% [markdown]
+# ## Define the encoder and decoder networks with *tf.keras.Sequential*
+#
+# The encoder gives q(z|x), a diagonal Gaussian (mean, log-variance); the decoder, p(x|z),
+# a Bernoulli per pixel (logits); the prior p(z) is N(0, I). Reparameterization trick:
+# z = mu + sigma * eps, sigma = exp(logvar / 2), eps ~ N(0, I), differentiable in mu, sigma.
+
+# %%
+class CVAE(tf.keras.Model):
+    """Convolutional variational autoencoder."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(shape=(28, 28, 1)),  # Keras 3 calls input_shape shape
+                tf.keras.layers.Conv2D(
+                    filters=32, kernel_size=3, strides=(2, 2), activation='relu'),
+                tf.keras.layers.Conv2D(
+                    filters=64, kernel_size=3, strides=(2, 2), activation='relu'),
+                tf.keras.layers.Flatten(),
+                # No activation
+                tf.keras.layers.Dense(latent_dim + latent_dim),
+            ]
+        )
+        self.decoder = tf.keras.Sequential(
+            [
+                tf.keras.layers.InputLayer(shape=(latent_dim,)),
+                tf.keras.layers.Dense(units=7*7*32, activation=tf.nn.relu),
+                tf.keras.layers.Reshape(target_shape=(7, 7, 32)),
+                tf.keras.layers.Conv2DTranspose(
+                    filters=64, kernel_size=3, strides=2, padding='same',
+                    activation='relu'),
+                tf.keras.layers.Conv2DTranspose(
+                    filters=32, kernel_size=3, strides=2, padding='same',
+                    activation='relu'),
+                # No activation
+                tf.keras.layers.Conv2DTranspose(
+                    filters=1, kernel_size=3, strides=1, padding='same'),
+            ]
+        )
+
+    @tf.function
+    def sample(self, eps=None):
+        if eps is None:
+            eps = tf.random.normal(shape=(100, self.latent_dim))
+        return self.decode(eps, apply_sigmoid=True)
+
+    def encode(self, x):
+        mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
+        return mean, logvar
+
+    def reparameterize(self, mean, logvar):
+        eps = tf.random.normal(shape=mean.shape)
+        return eps * tf.exp(logvar * .5) + mean
+
+    def decode(self, z, apply_sigmoid=False):
+        logits = self.decoder(z)
+        if apply_sigmoid:
+            probs = tf.sigmoid(logits)
+            return probs
+        return logits
+
 
 # %% [markdown]
 # ## Define the loss function and the optimizer
 #
-# VAEs train by maximizing the evidence lower bound (ELBO) on the log-likelihood:
-# log p(x) >= E_q[log p(x|z) + log p(z) - log q(z|x)]. We estimate it with a single
-# sample z from q(z|x): `network.compute_loss` returns its negative, the loss, built from
-# `network.log_normal_pdf` as in the tutorial. Analytic KL terms exist for these
-# Gaussians (`--kl analytic`), but the single-sample Monte Carlo estimate keeps all three
-# terms in one formula.
-#
-# `train_step` computes the loss and its gradients with a `tf.GradientTape`, then updates
-# the weights. Here it takes the batch's noise `eps` from the run's random generator, so
-# that a seed repeats a run. (train.py's `train_step` is this one, compiled 50 steps a
-# call, with each batch in two shards on a CPU.)
+# VAEs maximize the evidence lower bound, log p(x) >= ELBO = E_q(z|x)[log p(x, z) / q(z|x)],
+# here its single-sample Monte Carlo estimate log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x).
 
 # %%
-optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
-print(f"loss of the untrained model on 32 images: "
-      f"{float(network.compute_loss(model, train_images[:32])):.1f}")
+optimizer = tf.keras.optimizers.Adam(1e-4)
+
+
+def log_normal_pdf(sample, mean, logvar, raxis=1):
+    log2pi = tf.math.log(2. * np.pi)
+    return tf.reduce_sum(
+        -.5 * ((sample - mean) ** 2. * tf.exp(-logvar) + logvar + log2pi),
+        axis=raxis)
+
+
+def compute_loss(model, x):
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar)
+    x_logit = model.decode(z)
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    logpz = log_normal_pdf(z, 0., 0.)
+    logqz_x = log_normal_pdf(z, mean, logvar)
+    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 
 @tf.function
-def train_step(model, x, optimizer, eps):
-    """Executes one training step and returns the loss."""
+def train_step(model, x, optimizer):
+    """Executes one training step and returns the loss.
+
+    This function computes the loss and gradients, and uses the latter to
+    update the model's parameters.
+    """
     with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps, config["kl"])
+        loss = compute_loss(model, x)
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-    return loss
 
 
 # %% [markdown]
 # ## Training
-#
-# Before training and after each epoch, 16 fixed test digits (`test_sample`) are encoded,
-# sampled with fixed noise (`random_vector_for_generation`) and decoded into a 4x4 grid.
-# `run_log.RunLog` holds these and the random generator of all the noise, and writes
-# metrics.csv, TensorBoard and a checkpoint after each epoch, so `--resume` continues a
-# stopped notebook run.
 
 # %%
-epochs = config["epochs"]
-latent_dim = config["latent_dim"]
-# num_examples_to_generate: pictures.NUM_EXAMPLES_TO_GENERATE, 16 digits in a 4x4 grid
-log = run_log.RunLog(model, optimizer, test_images, config["seed"], out_dir)
-test_sample, random_vector_for_generation = log.test_sample, log.sample_eps
-train_dataset = tf.constant(train_images)  # shuffled and batched every epoch, below
-test_dataset = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
+# set the dimensionality of the latent space to a plane for visualization later
+latent_dim = 2
+num_examples_to_generate = 16
 
-
-def end_epoch(epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:
-    pictures.generate_and_save_images(model, epoch, test_sample, random_vector_for_generation, out_dir)
-    log.end_epoch(epoch, row, loss_points)
+# keeping the random vector constant for generation (prediction) so
+# it will be easier to see the improvement.
+random_vector_for_generation = tf.random.normal(
+    shape=[num_examples_to_generate, latent_dim])
+model = CVAE(latent_dim)
 
 
 # %%
-if run.resume_from:
-    done = log.restore(run.resume_from, epochs)
-else:
-    done = 0
-    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"])
-    end_epoch(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
+def generate_and_save_images(model, epoch, test_sample):
+    mean, logvar = model.encode(test_sample)
+    z = model.reparameterize(mean, logvar)
+    predictions = model.sample(z)
+    fig = plt.figure(figsize=(4, 4))  # noqa: F841 (the tutorial's line)
 
-for epoch in range(done + 1, epochs + 1):
-    # A progress bar, the epoch's mean loss, and a stop on a non-finite loss.
-    progress = run_log.EpochProgress(epoch, len(train_images), config["batch_size"],
-                                     int(optimizer.iterations), out_dir)
+    for i in range(predictions.shape[0]):
+        plt.subplot(4, 4, i + 1)
+        plt.imshow(predictions[i, :, :, 0], cmap='gray')
+        plt.axis('off')
+
+    # tight_layout minimizes the overlap between 2 sub-plots
+    plt.savefig(f'image_at_epoch_{epoch:04d}.png')
+    plt.show()
+
+
+# %%
+# Pick a sample of the test set for generating output images
+assert batch_size >= num_examples_to_generate
+for test_batch in test_dataset.take(1):
+    test_sample = test_batch[0:num_examples_to_generate, :, :, :]
+
+# %%
+generate_and_save_images(model, 0, test_sample)
+
+for epoch in range(1, epochs + 1):
     start_time = time.time()
-    epoch_dataset = dataset.make_batches(
-        dataset.epoch_images(train_dataset, config["seed"], epoch), config["batch_size"])
-    for step, train_x in enumerate(epoch_dataset):
-        eps = log.rng.normal((len(train_x), latent_dim))
-        loss = train_step(model, train_x, optimizer, eps)
-        progress.update(step, np.atleast_1d(loss.numpy()))
+    for train_x in train_dataset:
+        train_step(model, train_x, optimizer)
     end_time = time.time()
 
-    elbo = train.test_set_elbo(model, test_dataset, log.rng, config["kl"])
-    seconds = end_time - start_time
-    print(f"Epoch: {epoch}, Test set ELBO: {elbo:.2f}, "
-          f"time elapse for current epoch: {seconds:.1f} s")
-    end_epoch(epoch, progress.row(elbo, seconds), progress.loss_points)
+    loss = tf.keras.metrics.Mean()
+    for test_x in test_dataset:
+        loss(compute_loss(model, test_x))
+    elbo = -loss.result()
+    if IN_NOTEBOOK:
+        display.clear_output(wait=False)
+    print(f'Epoch: {epoch}, Test set ELBO: {elbo}, time elapse for current epoch: {end_time - start_time}'
+          )
+    generate_and_save_images(model, epoch, test_sample)
+
 
 # %% [markdown]
-# ## Display a generated image from the last training epoch
+# ### Display a generated image from the last training epoch
+
+# %%
+def display_image(epoch_no):
+    return PIL.Image.open(f'image_at_epoch_{epoch_no:04d}.png')
+
+
+plt.imshow(display_image(epoch))
+plt.axis('off')  # Display images
+
+# %% [markdown]
+# ### Display an animated GIF of all the saved images
+
+# %%
+anim_file = 'cvae.gif'
+
+with imageio.get_writer(anim_file, mode='I') as writer:
+    filenames = glob.glob('image*.png')
+    filenames = sorted(filenames)
+    for filename in filenames:
+        image = imageio.imread(filename)
+        writer.append_data(image)
+    image = imageio.imread(filename)
+    writer.append_data(image)
+if IN_NOTEBOOK:  # the tutorial shows it with tensorflow_docs, which Colab lacks
+    display.display(display.Image(filename=anim_file))
+
+
+# %% [markdown]
+# ### Display a 2D manifold of digits from the latent space
+
+# %%
+def plot_latent_images(model, n, digit_size=28):
+    """Plots n x n digit images decoded from the latent space."""
+
+    # tf.math.ndtri: the tutorial's tfp.distributions.Normal(0, 1).quantile, without TFP
+    grid_x = tf.math.ndtri(np.linspace(0.05, 0.95, n))
+    grid_y = tf.math.ndtri(np.linspace(0.05, 0.95, n))
+    image_width = digit_size*n
+    image_height = image_width
+    image = np.zeros((image_height, image_width))
+
+    for i, yi in enumerate(grid_x):
+        for j, xi in enumerate(grid_y):
+            z = np.array([[xi, yi]])
+            x_decoded = model.sample(z)
+            digit = tf.reshape(x_decoded[0], (digit_size, digit_size))
+            image[i * digit_size: (i + 1) * digit_size,
+                  j * digit_size: (j + 1) * digit_size] = digit.numpy()
+
+    plt.figure(figsize=(10, 10))
+    plt.imshow(image, cmap='Greys_r')
+    plt.axis('Off')
+    plt.show()
 
 
 # %%
-def display_image(epoch_no: int) -> None:
-    show(pictures.grid_path(out_dir, epoch_no))
-
-
-display_image(epochs)
-
-# %% [markdown]
-# ## Display an animated GIF of all the saved images
-
-# %%
-anim_file = out_dir / "cvae.gif"
-pictures.save_gif([pictures.grid_path(out_dir, epoch) for epoch in range(epochs + 1)], anim_file)
-show(anim_file)
-
-# %% [markdown]
-# ## Display a 2D manifold of digits from the latent space
-#
-# With a two-dimensional latent space we can decode a grid of points spread evenly
-# over the prior (its quantiles 0.05..0.95 on each axis) and watch the digits morph
-# into one another.
-
-# %%
-if latent_dim == 2:
-    pictures.save_latent_images(model, out_dir / "latent_manifold.png")
-    show(out_dir / "latent_manifold.png")
-else:
-    print("The manifold needs a two-dimensional latent space (--latent-dim 2).")
-
-# %% [markdown]
-# ## Save the trained model
-#
-# Beyond the tutorial: the model in Keras' format (`cvae.keras`, for
-# `keras.saving.load_model`) and as a SavedModel for plain TensorFlow, in the run folder.
-# `python generate.py --out-dir output/notebook` then draws new digits from it.
-
-# %%
-export.export_model(model, out_dir)
-print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/")
+plot_latent_images(model, 20)

@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
-from cli import UserError
+from machinery import cli, files
+from machinery.cli import UserError
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +32,7 @@ import pictures
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 DATA_ENV_VAR = "CVAE_DATA"
-EVAL_BATCH_SIZE = 1000  # test images a batch: the test figures are means, so this changes only speed
+EVAL_BATCH_SIZE = 1000  # test images a batch of the test ELBO (the noise is drawn a batch at a time)
 # Keras' array names and the IDX files that LeCun's site and its mirrors ship.
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")
     args = parser.parse_args(argv)
 
-    out_dir = cli.ensure_out_dir(args.out_dir)
+    out_dir = files.ensure_out_dir(args.out_dir)
     print(f"Source: {data_source(args.data) or f'tf.keras.datasets.{args.dataset}.load_data()'}")
     splits = dict(zip(("train", "test"), load_mnist(args.data, name=args.dataset)))
 

@@ -1,6 +1,10 @@
 """Evaluate a trained run: the ELBO and its parts, an importance-weighted log p(x), and
 pictures of what the model learned.
 
+Every figure comes from network.compute_loss, so an edit of it shows in all of them: the
+ELBO of an image is minus compute_loss of that image alone, and the importance weights of
+the IWAE bound are minus compute_loss of the image with one draw z_k each.
+
 Loads the run's latest checkpoint and its config.json (no flags to repeat), and writes
 into the run folder:
 
@@ -20,25 +24,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli, distribute, files, run_folder
 
 import numpy as np
 import tensorflow as tf
-from matplotlib.figure import Figure
 
 import dataset
-import distribute
 import network
 import pictures
-import run_folder
-import speedups
 
 IW_SAMPLES = 100
-# Decoded images per call of the IWAE bound: the K samples are taken in chunks, so memory
-# stays bounded (a few hundred MB) whatever K is.
+IWAE_IMAGES = 32  # test images a batch of the IWAE bound: its unit of progress
+# Decoded images per call of the IWAE bound: the K draws of a batch are taken in chunks,
+# so memory stays bounded (a few hundred MB) whatever K is.
 DECODES_PER_CALL = 4096
 
 
@@ -51,58 +52,71 @@ def build_parser() -> cli.ArgumentParser:
                         help="use only the first N test images (default: the run's test set)")
     parser.add_argument("--data", default=None,
                         help="where the run's data is now, if not where config.json says")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the evaluation's noise")
+    parser.add_argument("--seed", type=cli.seed_int, default=0, help="seed for the evaluation's noise")
     return parser
 
 
 # ----------------------------------------------------------------------------
-# The figures
+# The figures, from compute_loss
 
 
-def log_weight_terms(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor
-                     ) -> tuple[tuple[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """log p(x|z_k), log p(z_k) and log q(z_k|x) for K draws z_k per image from `eps`
-    (batch, K, latent), each (batch, K); and q(z|x)'s (mean, logvar). Their sum
-    log p(x|z_k) + log p(z_k) - log q(z_k|x) is an importance weight; for K = 1, the ELBO."""
+# The functions below take compute_loss as an argument: tf.function traces them anew for
+# another compute_loss, so that an edit of it (or a stand-in, in a test) always shows.
+LossFunction = Callable[..., tf.Tensor]  # network.compute_loss(model, x, eps, kl)
+
+
+def losses_of_each_image(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
+                         eps: tf.Tensor, kl: str = "mc") -> tf.Tensor:
+    """compute_loss of each image of `x` alone, with its noise eps[i]: (batch,).
+    tf.vectorized_map runs compute_loss on batches of one image, all at once."""
+    return tf.vectorized_map(lambda pair: compute_loss(model, pair[0][None], pair[1][None], kl),
+                             (x, eps), fallback_to_while_loop=False)
+
+
+@tf.function
+def elbo_parts(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor, eps: tf.Tensor,
+               kl: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Each image's ELBO, log p(x|z) and KL term, from one draw z (noise eps): the ELBO is
+    minus compute_loss; log p(x|z) is minus compute_loss with the KL in closed form, plus
+    that closed form; the KL term is what the ELBO takes from log p(x|z)."""
+    elbo = -losses_of_each_image(compute_loss, model, x, eps, kl)
     mean, logvar = model.encode(x)
-    z = model.reparameterize(mean[:, tf.newaxis], logvar[:, tf.newaxis], eps)  # (batch, K, latent)
-    batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
-    x_logit = model.decode(tf.reshape(z, (batch * k, model.latent_dim)))
-    logpx_z = tf.reshape(speedups.bernoulli_log_likelihood(x_logit, tf.repeat(x, k, axis=0)), (batch, k))
-    logpz = network.log_normal_pdf(z, 0.0, 0.0, raxis=2)
-    logqz_x = network.log_normal_pdf(z, mean[:, tf.newaxis], logvar[:, tf.newaxis], raxis=2)
-    return (logpx_z, logpz, logqz_x), (mean, logvar)
+    logpx_z = (-losses_of_each_image(compute_loss, model, x, eps, "analytic")
+               + network.analytic_kl(mean, logvar))
+    return elbo, logpx_z, logpx_z - elbo
 
 
 @tf.function
-def _elbo_parts(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, kl: str):
-    """Each image's log p(x|z) and KL term, from one z ~ q(z|x): ELBO = first - second."""
-    eps = rng.normal((tf.shape(x)[0], model.latent_dim))
-    (logpx_z, logpz, logqz_x), (mean, logvar) = log_weight_terms(model, x, eps[:, tf.newaxis])
-    kl_term = speedups.analytic_kl(mean, logvar) if kl == "analytic" else (logqz_x - logpz)[:, 0]
-    return logpx_z[:, 0], kl_term
+def log_mean_weight(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
+                    eps: tf.Tensor) -> tf.Tensor:
+    """log of the sum over k of the importance weights p(x, z_k) / q(z_k|x) of each image
+    of `x`, the draws z_k from the noise eps (batch, k, latent): (batch,). Each log-weight
+    is minus compute_loss of the image and z_k; the encoder runs once per image."""
+    def log_weights(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        image, noise = pair
+        return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None]), noise,
+                                  fallback_to_while_loop=False)
+    return tf.reduce_logsumexp(tf.vectorized_map(log_weights, (x, eps), fallback_to_while_loop=False),
+                               axis=1)
 
 
-@tf.function
-def _iwae_chunk(model: network.CVAE, rng: tf.random.Generator, x: tf.Tensor, k: int) -> tf.Tensor:
-    """log-sum-exp over `k` importance weights of each image in `x`: (batch,)."""
-    eps = rng.normal((tf.shape(x)[0], k, model.latent_dim))
-    (logpx_z, logpz, logqz_x), _ = log_weight_terms(model, x, eps)
-    return tf.reduce_logsumexp(logpx_z + logpz - logqz_x, axis=1)
+def noise(seed: int, batch: int, purpose: int, shape: Sequence[int]) -> tf.Tensor:
+    """The standard normal noise of a batch, the same whatever was evaluated before it."""
+    seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, purpose], tf.int64), batch)
+    return tf.random.stateless_normal(shape, seed=seed)
 
 
-def iwae_bound(model: network.CVAE, x: tf.Tensor, rng: tf.random.Generator, k: int) -> np.ndarray:
-    """log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per image: a lower bound on
-    log p(x) that tightens as K grows, and the single-sample ELBO when K = 1.
-
-    The K samples go in chunks, combined with a running log-sum-exp, so memory is bounded
-    for any K and the sum never leaves log space.
-    """
+def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
+    """log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) from the noise eps (batch, K,
+    latent), per image: a lower bound on log p(x) that tightens as K grows, and the
+    single-sample ELBO when K = 1. The K draws go in chunks, combined by a running
+    log-sum-exp, so memory is bounded for any K and the sum never leaves log space."""
+    k = eps.shape[1]
     chunk = max(1, min(k, DECODES_PER_CALL // len(x)))
     total = tf.fill([len(x)], -np.inf)
     for start in range(0, k, chunk):
-        size = min(chunk, k - start)
-        total = tf.reduce_logsumexp(tf.stack([total, _iwae_chunk(model, rng, x, size)]), axis=0)
+        chunk_sum = log_mean_weight(network.compute_loss, model, x, eps[:, start:start + chunk])
+        total = tf.reduce_logsumexp(tf.stack([total, chunk_sum]), axis=0)
     return (total - math.log(k)).numpy()
 
 
@@ -114,109 +128,16 @@ def mean_and_stderr(values: np.ndarray) -> dict:
 def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl: str,
                  seed: int) -> dict:
     """The test figures of `model` on `images`: the ELBO, its two parts, and the IWAE bound."""
-    rng = tf.random.Generator.from_seed(seed)
-    logpx_z, kl_term, iwae = [], [], []
-    # Images per call of the IWAE bound: at least one, and K of them fit DECODES_PER_CALL.
-    batch = max(1, min(dataset.EVAL_BATCH_SIZE, DECODES_PER_CALL // iw_samples))
-    for x in dataset.make_batches(images, batch):
-        parts = _elbo_parts(model, rng, x, kl)
-        logpx_z.append(parts[0].numpy())
-        kl_term.append(parts[1].numpy())
-        iwae.append(iwae_bound(model, x, rng, iw_samples))
-    logpx_z, kl_term, iwae = map(np.concatenate, (logpx_z, kl_term, iwae))
-    return {"elbo": mean_and_stderr(logpx_z - kl_term),
+    parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)), kl)
+             for i, x in enumerate(dataset.make_batches(images, dataset.EVAL_BATCH_SIZE))]
+    elbo, logpx_z, kl_term = (np.concatenate([part[j].numpy() for part in parts]) for j in range(3))
+    iwae = np.concatenate([
+        iwae_bound(model, x, noise(seed, i, 1, (len(x), iw_samples, model.latent_dim)))
+        for i, x in enumerate(dataset.make_batches(images, IWAE_IMAGES))])
+    return {"elbo": mean_and_stderr(elbo),
             "reconstruction_log_likelihood": mean_and_stderr(logpx_z),
             "kl": mean_and_stderr(kl_term),
             "iwae_log_likelihood": {"k": iw_samples, **mean_and_stderr(iwae)}}
-
-
-# ----------------------------------------------------------------------------
-# The pictures
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    pictures.save_figure(figure, path, bbox_inches="tight")
-
-
-def save_reconstructions(model: network.CVAE, images: np.ndarray, path: Path, count: int = 32,
-                         columns: int = 8) -> None:
-    """Test digits, each row of them above a row of their reconstructions (decoded means)."""
-    originals = images[:count]
-    mean, _ = model.encode(originals)
-    reconstructions = model.sample(mean).numpy()
-    rows = []
-    for start in range(0, len(originals), columns):
-        rows += [originals[start:start + columns], reconstructions[start:start + columns]]
-    figure = Figure(figsize=(columns, len(rows) * 1.05))
-    pictures.image_grid(figure, np.concatenate(rows), columns)
-    figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
-    save_figure(figure, path)
-
-
-def save_prior_samples(model: network.CVAE, path: Path, seed: int, count: int = 64) -> None:
-    z = pictures.prior_draws(count, model.latent_dim, seed)
-    figure = Figure(figsize=(8, 8.4))
-    pictures.image_grid(figure, model.sample(z).numpy(), 8)
-    figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
-    save_figure(figure, path)
-
-
-def save_latent_space(model: network.CVAE, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """The test set's latent means, coloured by label; the first two principal components
-    when the latent space has more than two dimensions."""
-    means = np.concatenate([model.encode(x)[0].numpy()
-                            for x in dataset.make_batches(images, dataset.EVAL_BATCH_SIZE)])
-    if means.shape[1] == 1:
-        points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
-        title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
-    elif means.shape[1] == 2:
-        points, title, axis_labels = means, "Latent means of the test set", ("z[0]", "z[1]")
-    else:
-        centred = means - means.mean(axis=0)
-        _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
-        points = centred @ components[:2].T
-        explained = (singular_values[:2] ** 2).sum() / (singular_values**2).sum()
-        title = (f"Latent means of the test set: first two principal components of "
-                 f"{means.shape[1]} dimensions ({explained:.0%} of the variance)")
-        axis_labels = ("PC 1", "PC 2")
-    figure = Figure(figsize=(8, 7))
-    axes = figure.add_subplot()
-    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5,
-                           vmax=9.5, s=3, alpha=0.7)
-    figure.colorbar(scatter, ax=axes, ticks=range(10), label="label")
-    axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
-    save_figure(figure, path)
-
-
-def save_interpolation(model: network.CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
-                       steps: int = 10) -> None:
-    """Decode evenly spaced points on the line between the latent means of two test
-    digits of different classes (the first test image and the first of another label)."""
-    first = 0
-    other = int(np.flatnonzero(labels != labels[first])[0])
-    mean, _ = model.encode(images[[first, other]])
-    path_z, weights = pictures.latent_walk(mean[0].numpy(), mean[1].numpy(), steps)
-    decoded = model.sample(tf.constant(path_z)).numpy()
-    row = np.concatenate([images[[first]], decoded, images[[other]]])
-    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights] + [f"test {labels[other]}"]
-    figure = Figure(figsize=(len(row) * 1.0, 1.6))
-    pictures.image_grid(figure, row, len(row), titles)
-    figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
-    save_figure(figure, path)
-
-
-def save_training_curves(metrics: list[dict], path: Path) -> None:
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.add_subplot()
-    trained = [row for row in metrics if row["train_loss"] is not None]
-    axes.plot([r["epoch"] for r in trained], [-r["train_loss"] for r in trained], "o-",
-              label="train ELBO (minus the epoch's mean loss)")
-    axes.plot([r["epoch"] for r in metrics if r["epoch"] > 0],
-              [r["test_elbo"] for r in metrics if r["epoch"] > 0], "s-", label="test ELBO")
-    axes.set(xlabel="epoch", ylabel="ELBO (nats per image)", title="Training curves")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------
@@ -226,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
-    cli.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
+    files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]
     _, (test_images, test_labels), _ = run_folder.load_run_data(config, source, out_dir, check=True)
@@ -249,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
               "kl_estimator": config["kl"], "seed": args.seed, **figures}
-    with cli.atomic_path(out_dir / "evaluation.json") as tmp:
+    with files.atomic_path(out_dir / "evaluation.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     def line(name: str, figure: dict) -> str:
@@ -261,11 +182,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(line(f"log p(x), IWAE bound with K = {args.iw_samples}", figures["iwae_log_likelihood"]))
     print("(nats per image; +- one standard error over the test images)")
 
-    save_reconstructions(model, test_images, out_dir / "reconstructions.png")
-    save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
-    save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png")
-    save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png")
-    save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"), out_dir / "training_curves.png")
+    pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png")
+    pictures.save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
+    pictures.save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png")
+    pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png")
+    pictures.save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"),
+                                  out_dir / "training_curves.png")
     written = ["evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
                "interpolation.png", "training_curves.png"]
     if config["latent_dim"] == 2:

@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli, files, run_folder
 
 import tensorflow as tf
 
 import network
-import run_folder
 
 
 def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
@@ -42,10 +41,14 @@ def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
 
 
 def export_model(model: network.CVAE, out_dir: Path) -> None:
-    """Write cvae.keras and cvae_savedmodel/ into `out_dir`, each whole or not at all."""
-    with cli.atomic_path(out_dir / network.KERAS_FILE) as tmp:
+    """Write cvae.keras and cvae_savedmodel/ into `out_dir`, each whole or not at all: the
+    model's weights in the tutorial's own layers (training may have swapped faster kernels in)."""
+    plain = network.CVAE(**model.get_config())
+    plain.set_weights(model.get_weights())
+    model = plain
+    with files.atomic_path(out_dir / network.KERAS_FILE) as tmp:
         model.save(tmp)
-    with cli.atomic_folder(out_dir / network.SAVEDMODEL_DIR) as tmp:
+    with files.atomic_folder(out_dir / network.SAVEDMODEL_DIR) as tmp:
         savedmodel_archive(model).write_out(str(tmp), verbose=False)
 
 
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     model, _, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
-    cli.ensure_out_dir(out_dir)
+    files.ensure_out_dir(out_dir)
     export_model(model, out_dir)
     print(f"Exported {checkpoint_path} (epoch {epoch}) to {out_dir / network.KERAS_FILE} and "
           f"{out_dir / network.SAVEDMODEL_DIR}/")

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli, files, run_folder
 
 import numpy as np
 import tensorflow as tf
@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 
 import network
 import pictures
-import run_folder
 
 MAX_DIGITS = 400  # in one picture; the SavedModel draws any number
 OUT_NAME = "generated.png"
@@ -121,12 +120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     z, titles, about = latent_points(args, model.latent_dim)
     probabilities = model.sample(tf.constant(z)).numpy()  # decode, then sigmoid
 
-    cli.ensure_out_dir(out.parent, flag="--out's folder")
+    files.ensure_out_dir(out.parent, flag="--out's folder")
     columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
     what = f"{len(z)} digit{'s' * (len(z) > 1)} decoded from {about}"
     save_digits(probabilities, titles, what, out, columns)
     if args.npy:
-        with cli.atomic_path(written[-1]) as tmp:
+        with files.atomic_path(written[-1]) as tmp:
             np.save(tmp, probabilities)
     print(f"Wrote {' and '.join(map(str, written))}: {what}")
 

@@ -1,4 +1,4 @@
-"""The tutorial's convolutional VAE and its loss.
+"""The tutorial's convolutional VAE and its loss: cells 15 and 17, as the tutorial wrote them.
 
 The encoder maps an image x to a diagonal Gaussian q(z|x) = N(mean, exp(logvar)); the
 decoder maps a latent z to the logits of 28x28 Bernoulli pixels, p(x|z); the prior p(z)
@@ -15,12 +15,10 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli  # for python network.py, below; the model and its loss need none of it
 
 import numpy as np
 import tensorflow as tf
-
-import speedups
 
 LATENT_DIM = 2
 IMAGE_SHAPE = (28, 28, 1)
@@ -41,32 +39,36 @@ class CVAE(tf.keras.Model):
         super().__init__()
         self.latent_dim = latent_dim
         self.precision = precision
-        hidden = PRECISIONS[precision]
-        # speedups.Conv2D and .Conv2DTranspose are Keras' layers with, in bf16, a float32
-        # bias gradient, and a faster kernel for the logits layer: same variables, same maths.
+        hidden = PRECISIONS[precision]  # the dtype policy of the hidden layers (--precision)
         self.encoder = tf.keras.Sequential(
             [
-                tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),
-                speedups.Conv2D(32, 3, strides=2, activation="relu", dtype=hidden),
-                speedups.Conv2D(64, 3, strides=2, activation="relu", dtype=hidden),
+                tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),  # Keras 3 calls input_shape shape
+                tf.keras.layers.Conv2D(
+                    filters=32, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
+                tf.keras.layers.Conv2D(
+                    filters=64, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Flatten(dtype=hidden),
-                # No activation: a mean and a log-variance for each latent dimension.
+                # No activation
                 tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
             ],
             name="encoder",
         )
+
         self.decoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=(latent_dim,)),
                 # float32: z in bfloat16 would keep 3 significant digits of the code.
-                tf.keras.layers.Dense(7 * 7 * 32, activation="relu", dtype="float32"),
-                tf.keras.layers.Reshape((7, 7, 32), dtype=hidden),
-                speedups.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu",
-                                         dtype=hidden),
-                speedups.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu",
-                                         dtype=hidden),
-                # No activation: logits, for a stable log-likelihood.
-                speedups.Conv2DTranspose(1, 3, strides=1, padding="same", dtype="float32"),
+                tf.keras.layers.Dense(units=7*7*32, activation=tf.nn.relu, dtype="float32"),
+                tf.keras.layers.Reshape(target_shape=(7, 7, 32), dtype=hidden),
+                tf.keras.layers.Conv2DTranspose(
+                    filters=64, kernel_size=3, strides=2, padding='same',
+                    activation='relu', dtype=hidden),
+                tf.keras.layers.Conv2DTranspose(
+                    filters=32, kernel_size=3, strides=2, padding='same',
+                    activation='relu', dtype=hidden),
+                # No activation
+                tf.keras.layers.Conv2DTranspose(
+                    filters=1, kernel_size=3, strides=1, padding='same', dtype="float32"),
             ],
             name="decoder",
         )
@@ -78,27 +80,22 @@ class CVAE(tf.keras.Model):
 
     @tf.function
     def sample(self, eps: tf.Tensor | None = None) -> tf.Tensor:
-        """Decode latents `eps` (default: 100 draws from the prior) to pixel probabilities."""
         if eps is None:
             eps = tf.random.normal(shape=(100, self.latent_dim))
         return self.decode(eps, apply_sigmoid=True)
 
     def encode(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Images -> (mean, logvar) of q(z|x), each (batch, latent_dim)."""
         mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
         return mean, logvar
 
-    def reparameterize(
-        self, mean: tf.Tensor, logvar: tf.Tensor, eps: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """z = mean + sigma * eps, sigma = exp(logvar / 2), eps ~ N(0, I): the noise is drawn
-        apart from the network, so z stays differentiable. Pass `eps` to fix the noise."""
+    # eps: the training loop draws the noise from the run's seed, so that a run repeats.
+    def reparameterize(self, mean: tf.Tensor, logvar: tf.Tensor,
+                       eps: tf.Tensor | None = None) -> tf.Tensor:
         if eps is None:
-            eps = tf.random.normal(shape=tf.shape(mean))
-        return eps * tf.exp(logvar * 0.5) + mean
+            eps = tf.random.normal(shape=tf.shape(mean))  # tf.shape: the batch may be unknown
+        return eps * tf.exp(logvar * .5) + mean
 
     def decode(self, z: tf.Tensor, apply_sigmoid: bool = False) -> tf.Tensor:
-        """Latents -> logits of p(x|z), or pixel probabilities with `apply_sigmoid`."""
         logits = self.decoder(z)
         if apply_sigmoid:
             probs = tf.sigmoid(logits)
@@ -106,28 +103,28 @@ class CVAE(tf.keras.Model):
         return logits
 
 
-LOG_2PI = float(np.log(2.0 * np.pi))
-
-
 def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis: int = 1) -> tf.Tensor:
-    """log N(sample; mean, diag(exp(logvar))), summed over axis `raxis`."""
+    log2pi = tf.math.log(2. * np.pi)
     return tf.reduce_sum(
-        -0.5 * ((sample - mean) ** 2.0 * tf.exp(-logvar) + logvar + LOG_2PI), axis=raxis
-    )
+        -.5 * ((sample - mean) ** 2. * tf.exp(-logvar) + logvar + log2pi),
+        axis=raxis)
+
+
+def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per image (--kl analytic)."""
+    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1. - logvar, axis=1)
 
 
 def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
-    """The negative single-sample ELBO, averaged over the batch: the loss that trains, and
-    minus the test ELBO. `eps` fixes the noise; kl="analytic" takes the KL in closed form."""
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
     x_logit = model.decode(z)
-    # = -reduce_sum(sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x), axis=[1, 2, 3])
-    logpx_z = speedups.bernoulli_log_likelihood(x_logit, x)
-    # = log_normal_pdf(z, 0., 0.), log_normal_pdf(z, mean, logvar), gradients written out
-    logpz, logqz_x = speedups.log_normal_pdfs(log_normal_pdf, z, mean, logvar)
-    if kl == "analytic":  # --kl analytic: KL(q(z|x) || p(z)) in closed form for logqz_x - logpz
-        return -tf.reduce_mean(logpx_z - speedups.analytic_kl(mean, logvar))
+    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    if kl == "analytic":  # --kl analytic: the KL term in closed form, for logqz_x - logpz
+        return -tf.reduce_mean(logpx_z - analytic_kl(mean, logvar))
+    logpz = log_normal_pdf(z, 0., 0.)
+    logqz_x = log_normal_pdf(z, mean, logvar)
     return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 

@@ -1,6 +1,6 @@
 """The tutorial's pictures: the 4x4 grid of test digits after each epoch, the GIF of those
-grids, and the 2D manifold of digits decoded from the latent plane; and the grid drawing
-that every picture here shares."""
+grids, and the 2D manifold of digits decoded from the latent plane; the grid drawing that
+every picture here shares; and evaluate.py's pictures of a trained model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import files
 
 import imageio.v3 as iio
 import numpy as np
@@ -34,7 +34,7 @@ def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequenc
 
 
 def save_figure(figure: Figure, path: Path, **savefig_options) -> None:
-    with cli.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", **savefig_options)
 
 
@@ -69,7 +69,7 @@ def latent_walk(start: np.ndarray, end: np.ndarray, steps: int) -> tuple[np.ndar
 def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5) -> None:
     """An animated GIF of the per-epoch grids, looping."""
     images = [iio.imread(frame)[..., 0] for frame in frames]  # grey: R = G = B
-    with cli.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         iio.imwrite(tmp, np.stack(images), duration=seconds_per_frame * 1000, loop=0)
 
 
@@ -85,5 +85,90 @@ def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE, digit_size: int = 28
 
 def save_latent_images(model: CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
     """The manifold as a grey PNG, one pixel per decoded pixel (560 x 560 for n = 20)."""
-    with cli.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         iio.imwrite(tmp, np.round(plot_latent_images(model, n) * 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------
+# evaluate.py's pictures of a trained model
+
+
+def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, count: int = 32,
+                         columns: int = 8) -> None:
+    """Test digits, each row of them above a row of their reconstructions (decoded means)."""
+    originals = images[:count]
+    mean, _ = model.encode(originals)
+    reconstructions = model.sample(mean).numpy()
+    rows = []
+    for start in range(0, len(originals), columns):
+        rows += [originals[start:start + columns], reconstructions[start:start + columns]]
+    figure = Figure(figsize=(columns, len(rows) * 1.05))
+    image_grid(figure, np.concatenate(rows), columns)
+    figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
+    save_figure(figure, path, bbox_inches="tight")
+
+
+def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> None:
+    z = prior_draws(count, model.latent_dim, seed)
+    figure = Figure(figsize=(8, 8.4))
+    image_grid(figure, model.sample(z).numpy(), 8)
+    figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
+    save_figure(figure, path, bbox_inches="tight")
+
+
+def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """The test set's latent means, coloured by label; the first two principal components
+    when the latent space has more than two dimensions."""
+    means = np.concatenate([model.encode(images[start:start + 1000])[0].numpy()  # 1,000 a call
+                            for start in range(0, len(images), 1000)])
+    if means.shape[1] == 1:
+        points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
+        title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
+    elif means.shape[1] == 2:
+        points, title, axis_labels = means, "Latent means of the test set", ("z[0]", "z[1]")
+    else:
+        centred = means - means.mean(axis=0)
+        _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
+        points = centred @ components[:2].T
+        explained = (singular_values[:2] ** 2).sum() / (singular_values**2).sum()
+        title = (f"Latent means of the test set: first two principal components of "
+                 f"{means.shape[1]} dimensions ({explained:.0%} of the variance)")
+        axis_labels = ("PC 1", "PC 2")
+    figure = Figure(figsize=(8, 7))
+    axes = figure.add_subplot()
+    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5,
+                           vmax=9.5, s=3, alpha=0.7)
+    figure.colorbar(scatter, ax=axes, ticks=range(10), label="label")
+    axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
+    save_figure(figure, path, bbox_inches="tight")
+
+
+def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
+                       steps: int = 10) -> None:
+    """Decode evenly spaced points on the line between the latent means of two test
+    digits of different classes (the first test image and the first of another label)."""
+    first = 0
+    other = int(np.flatnonzero(labels != labels[first])[0])
+    mean, _ = model.encode(images[[first, other]])
+    path_z, weights = latent_walk(mean[0].numpy(), mean[1].numpy(), steps)
+    decoded = model.sample(tf.constant(path_z)).numpy()
+    row = np.concatenate([images[[first]], decoded, images[[other]]])
+    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights] + [f"test {labels[other]}"]
+    figure = Figure(figsize=(len(row) * 1.0, 1.6))
+    image_grid(figure, row, len(row), titles)
+    figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
+    save_figure(figure, path, bbox_inches="tight")
+
+
+def save_training_curves(metrics: list[dict], path: Path) -> None:
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    trained = [row for row in metrics if row["train_loss"] is not None]
+    axes.plot([r["epoch"] for r in trained], [-r["train_loss"] for r in trained], "o-",
+              label="train ELBO (minus the epoch's mean loss)")
+    axes.plot([r["epoch"] for r in metrics if r["epoch"] > 0],
+              [r["test_elbo"] for r in metrics if r["epoch"] > 0], "s-", label="test ELBO")
+    axes.set(xlabel="epoch", ylabel="ELBO (nats per image)", title="Training curves")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    save_figure(figure, path, bbox_inches="tight")

@@ -7,11 +7,12 @@ Each variant trains the same model, from the same start, with batch 32, in a pro
 its own (TensorFlow's thread settings hold for a whole process). Each adds one idea to
 the one above it:
 
-  tutorial        the tutorial's code: its loss and its logits layer's kernel, a
+  tutorial        the tutorial's code: compute_loss, train_step and Keras' kernels, a
                   shuffle(60000).batch(32) pipeline, one step per tf.function call, an
                   eager test-set ELBO at batch 32, TensorFlow's default threads
-  fp32 1/call     train.py's step (compute_loss with speedups.py's layers), in-memory batches and
-                  compiled test-set ELBO, one step per call, the batch whole (--shards 1)
+  fp32 1/call     train.py's loop (machinery/steps.py, with machinery/speed.py's kernels),
+                  in-memory batches and compiled test-set ELBO, one step per call, the batch
+                  whole (--shards 1)
   fp32 1 shard    50 steps per call
   fp32            the batch in shards, a core each (train.py as it runs by default)
   bf16            train.py --precision bf16
@@ -43,14 +44,13 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-import cli  # noqa: E402
+from machinery import cli, files, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from variants import SETTINGS, VARIANTS, Variant, train_flops_per_image  # noqa: E402
 
 import dataset  # noqa: E402
-import speedups  # noqa: E402
 import train  # noqa: E402
 
 IMPORTED = time.perf_counter()
@@ -109,7 +109,7 @@ def serve(name: str, data: str | None, dataset_name: str, train_size: int | None
           batch_size: int, connection: Connection) -> None:
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
-    shards = speedups.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
+    shards = speed.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
     variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards,
                       batch_size)
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown := [name for name in names if name not in VARIANTS]:
         raise cli.UserError(f"--variants: unknown {', '.join(map(repr, unknown))}; choose from "
                             f"{', '.join(VARIANTS)}")
-    out_dir = cli.ensure_out_dir(args.out_dir)
+    out_dir = files.ensure_out_dir(args.out_dir)
     data = dataset.data_source(args.data)
     # Checked here, before any process starts.
     (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size, name=args.dataset)
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "tensorflow": tf.__version__},
         "settings": {"batch_size": args.batch_size, "train_images": len(train_images),
                      "test_images": len(test_images), "repeats": args.repeats, "steps": args.steps,
-                     "steps_per_call": train.STEPS_PER_CALL,
+                     "steps_per_call": steps.STEPS_PER_CALL,
                      "shards": {name: worker.ready["shards"] for name, worker in workers.items()}},
         "startup": startup,
         "matmul_gflops": {"fp32": gflops_fp32, "bf16": gflops_bf16},
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "timings": timings,
     }
     path = out_dir / "benchmark.json"
-    with cli.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     print(f"Wrote {path}")
 

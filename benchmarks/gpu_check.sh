@@ -9,7 +9,7 @@ out=output/gpu_check
 mkdir -p "$out"
 
 python - <<'PY'
-import cli, tensorflow as tf
+import machinery, tensorflow as tf
 gpus = tf.config.list_physical_devices("GPU")
 names = [tf.config.experimental.get_device_details(gpu).get("device_name", "a GPU") for gpu in gpus]
 print("TensorFlow", tf.__version__, "with", ", ".join(names) or "no GPU")
@@ -17,7 +17,7 @@ raise SystemExit(0 if gpus else "gpu_check.sh: no GPU found; this check is for a
 PY
 
 CVAE_DATA="$data" python -m pytest -q tests/test_distribute.py tests/test_train.py \
-    tests/test_speedups.py tests/test_real_data.py
+    tests/test_speed.py tests/test_exact.py tests/test_real_data.py
 for precision in fp32 bf16; do
   python train.py ${data:+--data "$data"} --epochs 2 --precision "$precision" \
       --out-dir "$out/run_$precision" --overwrite

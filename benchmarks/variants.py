@@ -1,5 +1,6 @@
-"""The benchmark's variants: the tutorial's code as written, and this port's step one idea
-at a time (see benchmark.py), each with the same three jobs to time; and a step's FLOPs."""
+"""The benchmark's variants: the tutorial's code (network.compute_loss and train.train_step
+as the tutorial runs them), and this port's loop one idea at a time (see benchmark.py),
+each with the same three jobs to time; and a step's FLOPs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-import cli  # noqa: E402, F401  (first: TensorFlow, quietly)
+from machinery import speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -20,11 +21,10 @@ import train  # noqa: E402
 
 # Each variant's (--precision, steps per call, --shards); None: train.py's default.
 SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
-            "fp32 1 shard": ("fp32", train.STEPS_PER_CALL, 1),
-            "fp32": ("fp32", train.STEPS_PER_CALL, None),
-            "bf16": ("bf16", train.STEPS_PER_CALL, None)}
+            "fp32 1 shard": ("fp32", steps.STEPS_PER_CALL, 1),
+            "fp32": ("fp32", steps.STEPS_PER_CALL, None),
+            "bf16": ("bf16", steps.STEPS_PER_CALL, None)}
 VARIANTS = tuple(SETTINGS)
-WHOLE_BATCH = tuple(name for name, (_, _, shards) in SETTINGS.items() if shards == 1)
 
 
 # ----------------------------------------------------------------------------
@@ -60,19 +60,6 @@ def train_flops_per_image(model: network.CVAE) -> int:
 # The variants: each gives the same three things to time
 
 
-def tutorial_loss(model: network.CVAE, x: tf.Tensor) -> tf.Tensor:
-    """The tutorial's compute_loss as it is written there. network.compute_loss computes
-    the same loss, with gradients that add two numbers at a time (see speedups.py)."""
-    mean, logvar = model.encode(x)
-    z = model.reparameterize(mean, logvar)
-    x_logit = model.decode(z)
-    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
-    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
-    logpz = network.log_normal_pdf(z, 0.0, 0.0)
-    logqz_x = network.log_normal_pdf(z, mean, logvar)
-    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
-
-
 class Variant:
     """A model and optimizer set up one variant's way, with its three timed jobs:
     `steps(n)` (the compiled step alone), `epoch(number)` and `evaluate()`."""
@@ -89,10 +76,10 @@ class Variant:
         self.model = network.CVAE(train.LATENT_DIM, precision)
         self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
         self.optimizer.build(self.model.trainable_variables)
-        if name == "tutorial":
-            self.model.decoder.layers[-1].allow_depthwise = False  # the tutorial's kernel
+        if name == "tutorial":  # Keras' own kernels
             self._tutorial(train_images, test_images)
         else:
+            speed.use_fast_kernels(self.model)  # as train.py does
             self._port(train_images, test_images,
                        steps_per_call=steps_per_call, shards=shards)
 
@@ -100,11 +87,8 @@ class Variant:
         model, optimizer = self.model, self.optimizer
 
         @tf.function
-        def train_step(x: tf.Tensor) -> None:  # the tutorial's, noise drawn inside
-            with tf.GradientTape() as tape:
-                loss = tutorial_loss(model, x)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        def train_step(x: tf.Tensor) -> None:  # the tutorial's: compute_loss draws its noise
+            train.train_step(model, x, optimizer)
 
         batch_size = self.batch_size
         train_dataset = (tf.data.Dataset.from_tensor_slices(train_images)
@@ -127,7 +111,7 @@ class Variant:
         def evaluate() -> float:  # eager, at the training batch size
             loss = tf.keras.metrics.Mean()
             for x in test_dataset:
-                loss(tutorial_loss(model, x))
+                loss(network.compute_loss(model, x))
             return -float(loss.result())
 
         self.steps, self.epoch, self.evaluate = steps, epoch, evaluate
@@ -135,21 +119,22 @@ class Variant:
     def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
               shards: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        train_steps = train.make_train_function(self.model, self.optimizer, rng, shards=shards)
+        step_loop = steps.StepLoop(train.train_step, self.model, self.optimizer, rng, shards=shards)
+        test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards)
         train_tensor = tf.constant(train_images)
         test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
         batch_size = self.batch_size
         num_full_batches = len(train_images) // batch_size
 
-        def steps(count: int) -> None:
+        def timed_steps(count: int) -> None:
             images = train_tensor[:min(count, num_full_batches) * batch_size]
-            for _ in train.epoch_losses(train_steps, images, batch_size, steps_per_call):
+            for _ in step_loop.epoch_losses(images, batch_size, steps_per_call):
                 pass
 
         def epoch(number: int) -> None:  # what train.fit does, less its outputs
             images = dataset.epoch_images(train_tensor, train.SEED, number)
-            for _ in train.epoch_losses(train_steps, images, batch_size, steps_per_call):
+            for _ in step_loop.epoch_losses(images, batch_size, steps_per_call):
                 pass
 
-        self.steps, self.epoch = steps, epoch
-        self.evaluate = lambda: train.test_set_elbo(self.model, test_batches, rng, shards=shards)
+        self.steps, self.epoch = timed_steps, epoch
+        self.evaluate = lambda: train.test_set_elbo(test_loss, test_batches)

@@ -4,12 +4,14 @@ the scripts as a user would."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import cli  # noqa: F401  first: it loads TensorFlow without its start-up logs
+from machinery import cli
 
 import numpy as np
 import pytest
@@ -71,13 +73,14 @@ def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CVAE_DATA", raising=False)
 
 
-def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300):
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300,
+               cwd: Path = ROOT):
     """Run one of the project's scripts as a user would; returns CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items() if k != "CVAE_DATA"}
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=cwd)
 
 
 def exported_weights(out: Path) -> dict[str, np.ndarray]:
@@ -92,5 +95,59 @@ def exported_weights(out: Path) -> dict[str, np.ndarray]:
 
 def stderr_lines(stderr: str) -> list[str]:
     """The non-blank lines of stderr: the scripts' own alone, as they hide TensorFlow's
-    start-up logs (cli.py), whatever its version."""
+    start-up logs (machinery/__init__.py), whatever its version."""
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(stderr: str, script: str, expected: str, exit_code: int | None = None,
+                          returncode: int | None = None) -> None:
+    """A script's user error: one line on stderr, `script: error: ...` holding `expected`,
+    no traceback; and the exit code, where given."""
+    assert "Traceback" not in stderr
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error:"), lines
+    assert expected in lines[0], lines[0]
+    if exit_code is not None:
+        assert returncode == exit_code, (returncode, lines)
+
+
+def run_main(main, argv: list, prog: str, capsys: pytest.CaptureFixture,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[int | None, str]:
+    """A script's main() run as `python prog ARGV` runs it (machinery.cli.run), but in this
+    process: the exit code (None if it returned) and stderr. For bad input, which ends
+    before anything starts, without a new process's start-up each time."""
+    monkeypatch.setattr(sys, "argv", [prog])
+    capsys.readouterr()
+    try:
+        cli.run(main, [str(arg) for arg in argv])
+    except SystemExit as stop:
+        return stop.code, capsys.readouterr().err
+    return None, capsys.readouterr().err
+
+
+SCRIPTS = ("dataset.py", "network.py", "train.py", "evaluate.py", "export.py", "generate.py",
+           "benchmarks/benchmark.py")  # the scripts with flags
+
+
+@pytest.fixture(scope="session")
+def help_texts() -> dict[str, str]:
+    """Each script's --help, as `python SCRIPT --help` prints it, all from one process."""
+    result = run_script("tests/help_texts.py", *SCRIPTS)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option of an argparse --help, by each of its flags: the whole entry (its flags,
+    metavars and help, over however many lines argparse wrapped it)."""
+    entries: dict[str, str] = {}
+    names: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):  # an option's first line: its flags, then perhaps its help
+            names = re.findall(r"(?:^|, )(--?[\w-]+)", line.strip().split("  ")[0])
+            entries.update(dict.fromkeys(names, line.strip()))
+        elif names and line.startswith("      ") and line.strip():  # its help, continued
+            entries.update(dict.fromkeys(names, entries[names[0]] + " " + line.strip()))
+        else:
+            names = []
+    return entries

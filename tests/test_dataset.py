@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from cli import UserError
+from machinery.cli import UserError
 
 import numpy as np
 import pytest

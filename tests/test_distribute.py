@@ -16,6 +16,7 @@ import network
 # split one) on one device and mirrored on two, from the same weights and noise.
 COMPARE_STEPS = """
 import json, sys
+from machinery import steps
 import numpy as np, tensorflow as tf
 import network, train
 
@@ -33,9 +34,9 @@ for optimizer_name in ("sgd", "adam"):
                          else tf.keras.optimizers.Adam(1e-3))
             optimizer.build(model.trainable_variables)
         model.set_weights(initial)
-        train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(3),
-                                                strategy=strategy)
-        losses = np.concatenate([losses for _, losses in train.epoch_losses(train_steps, images, 32)])
+        loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(3),
+                              strategy=strategy)
+        losses = np.concatenate([losses for _, losses in loop.epoch_losses(images, 32)])
         results[name] = (losses, [np.asarray(w) for w in model.get_weights()])
     (loss_1, weights_1), (loss_2, weights_2) = results["single"], results["mirrored"]
     report[optimizer_name] = {

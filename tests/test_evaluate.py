@@ -3,18 +3,18 @@ TensorBoard logs, and every picture."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_mnist_arrays, run_script, stderr_lines
+from conftest import assert_one_line_error, make_mnist_arrays, run_main, run_script
 
 import dataset
 import evaluate
 import network
-import speedups
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +28,36 @@ def images() -> np.ndarray:
     return dataset.binarize(make_mnist_arrays(num_train=1, num_test=128, seed=5)["x_test"])
 
 
+def per_image_compute_loss(model, images, eps, kl="mc") -> np.ndarray:
+    return np.array([float(network.compute_loss(model, images[i:i + 1], eps[i:i + 1], kl))
+                     for i in range(len(images))])
+
+
+def test_the_elbo_of_each_image_is_minus_its_compute_loss(model, images):
+    x, eps = images[:16], tf.random.stateless_normal((16, 2), seed=(1, 1))
+    for kl in network.KL_ESTIMATORS:
+        losses = evaluate.losses_of_each_image(network.compute_loss, model, x, eps, kl)
+        np.testing.assert_allclose(losses, per_image_compute_loss(model, x, eps, kl), rtol=1e-5)
+
+
 def test_iwae_with_one_sample_is_the_elbo_estimator(model, images):
-    eps = tf.random.stateless_normal((len(images), 2), seed=(1, 1))
-    (logpx_z, logpz, logqz_x), _ = evaluate.log_weight_terms(model, images, eps[:, tf.newaxis])
-    weights = (logpx_z + logpz - logqz_x)[:, 0]
-    elbo = [-network.compute_loss(model, images[i:i + 1], eps[i:i + 1]) for i in range(len(images))]
-    np.testing.assert_allclose(weights, elbo, rtol=1e-5)
+    x, eps = images[:16], tf.random.stateless_normal((16, 2), seed=(1, 1))
+    bound = evaluate.iwae_bound(model, tf.constant(x), eps[:, tf.newaxis])
+    np.testing.assert_allclose(bound, -per_image_compute_loss(model, x, eps), rtol=1e-5)
 
 
 def test_iwae_bound_grows_with_k(model, images):
-    bounds = [evaluate.iwae_bound(model, tf.constant(images), tf.random.Generator.from_seed(k), k).mean()
-              for k in (1, 10, 100)]
+    x = tf.constant(images[:32])
+    bounds = [evaluate.iwae_bound(model, x, evaluate.noise(0, 0, 1, (32, k, 2))).mean() for k in (1, 10, 100)]
     assert bounds[0] < bounds[1] < bounds[2], bounds
 
 
 def test_iwae_chunks_change_nothing_but_memory(model, images, monkeypatch):
-    x = tf.constant(images[:8])
-    whole = evaluate.iwae_bound(model, x, tf.random.Generator.from_seed(3), 50)
-    monkeypatch.setattr(evaluate, "DECODES_PER_CALL", 8 * 7)  # chunks of 7 samples: 8 calls
-    chunked = evaluate.iwae_bound(model, x, tf.random.Generator.from_seed(3), 50)
-    # Same draws only when chunk boundaries match, so compare in distribution: close, finite.
-    assert np.all(np.isfinite(chunked))
-    np.testing.assert_allclose(chunked.mean(), whole.mean(), atol=1.0)
+    x, eps = tf.constant(images[:8]), evaluate.noise(3, 0, 1, (8, 50, 2))
+    whole = evaluate.iwae_bound(model, x, eps)
+    monkeypatch.setattr(evaluate, "DECODES_PER_CALL", 8 * 7)  # chunks of 7 draws: 8 calls
+    chunked = evaluate.iwae_bound(model, x, eps)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)  # the same draws; the sums' rounding
 
 
 def test_iwae_is_finite_for_extreme_logits_and_large_k(images):
@@ -57,7 +65,7 @@ def test_iwae_is_finite_for_extreme_logits_and_large_k(images):
     extreme = network.CVAE(2)
     last = extreme.decoder.layers[-1]
     last.kernel.assign(last.kernel * 1e7)  # logits of ~1e5: importance weights of ~e^-1e6
-    bound = evaluate.iwae_bound(extreme, tf.constant(images[:4]), tf.random.Generator.from_seed(0), 2000)
+    bound = evaluate.iwae_bound(extreme, tf.constant(images[:4]), evaluate.noise(0, 0, 1, (4, 2000, 2)))
     assert np.all(np.isfinite(bound)) and np.all(bound < -1000)
 
 
@@ -68,20 +76,49 @@ def test_analytic_kl_is_the_mean_of_the_monte_carlo_estimate():
     z = mean + tf.exp(logvar / 2) * eps
     monte_carlo = tf.reduce_mean(network.log_normal_pdf(z, mean, logvar, raxis=2)
                                  - network.log_normal_pdf(z, 0.0, 0.0, raxis=2), axis=0)
-    np.testing.assert_allclose(monte_carlo, speedups.analytic_kl(mean, logvar), atol=0.02)
+    np.testing.assert_allclose(monte_carlo, network.analytic_kl(mean, logvar), atol=0.02)
     # The closed form: zero for q = p.
-    assert float(speedups.analytic_kl(tf.zeros((1, 3)), tf.zeros((1, 3)))[0]) == 0.0
+    assert float(network.analytic_kl(tf.zeros((1, 3)), tf.zeros((1, 3)))[0]) == 0.0
 
 
-def test_elbo_parts_add_up(model, images):
-    parts = {}
-    for kl in network.KL_ESTIMATORS:  # the same noise for both: the same generator state
-        logpx_z, kl_term = parts[kl] = evaluate._elbo_parts(model, tf.random.Generator.from_seed(4),
-                                                              tf.constant(images), kl)
-        eps = tf.random.Generator.from_seed(4).normal((len(images), 2))
-        elbo = [-network.compute_loss(model, images[i:i + 1], eps[i:i + 1], kl) for i in range(len(images))]
-        np.testing.assert_allclose(logpx_z - kl_term, elbo, rtol=1e-5)  # image by image
-    np.testing.assert_array_equal(parts["mc"][0], parts["analytic"][0])
+def test_the_elbos_parts_are_those_of_compute_loss(model, images):
+    """log p(x|z) by hand at the same z, and for the single-sample KL, log q(z|x) - log p(z)."""
+    x, eps = tf.constant(images[:16]), tf.random.stateless_normal((16, 2), seed=(4, 4))
+    mean, logvar = model.encode(x)
+    z = model.reparameterize(mean, logvar, eps)
+    p = tf.sigmoid(model.decode(z)).numpy().astype(np.float64)
+    logpx_z = (images[:16] * np.log(p) + (1 - images[:16]) * np.log(1 - p)).sum(axis=(1, 2, 3))
+    kl_terms = {"mc": network.log_normal_pdf(z, mean, logvar) - network.log_normal_pdf(z, 0.0, 0.0),
+                "analytic": network.analytic_kl(mean, logvar)}
+    for kl, kl_term in kl_terms.items():
+        elbo, reconstruction, kl_part = evaluate.elbo_parts(network.compute_loss, model, x, eps, kl)
+        np.testing.assert_allclose(elbo, -per_image_compute_loss(model, images[:16], eps, kl), rtol=1e-5)
+        np.testing.assert_allclose(reconstruction, logpx_z, rtol=1e-4)
+        np.testing.assert_allclose(kl_part, kl_term, atol=2e-3)  # a difference of two sums of ~-150
+
+
+def test_an_edit_of_compute_loss_shows_in_every_figure(images, monkeypatch):
+    """network.py's compute_loss with its return line edited to weigh the KL term 0, as a
+    user might (a beta-VAE with beta = 0): the ELBO becomes log p(x|z), the KL part 0, and
+    the IWAE weights follow."""
+    source = inspect.getsource(network.compute_loss)
+    edited = source.replace("return -tf.reduce_mean(logpx_z + logpz - logqz_x)",
+                            "return -tf.reduce_mean(logpx_z + 0.0 * (logpz - logqz_x))")
+    assert edited != source
+    namespace = dict(vars(network))
+    exec(edited, namespace)
+    tf.keras.utils.set_random_seed(5)
+    model = network.CVAE(2)
+    codes = model.encoder.layers[-1]
+    codes.kernel.assign(codes.kernel * 100)  # posteriors far from the prior: a KL of tens of nats
+
+    before = evaluate.evaluate_run(model, images[:32], iw_samples=3, kl="mc", seed=1)
+    monkeypatch.setattr(network, "compute_loss", namespace["compute_loss"])
+    after = evaluate.evaluate_run(model, images[:32], iw_samples=3, kl="mc", seed=1)
+    reconstruction = before["reconstruction_log_likelihood"]["mean"]
+    assert after["elbo"]["mean"] == pytest.approx(reconstruction, abs=1e-3)
+    assert after["kl"]["mean"] == pytest.approx(0.0, abs=1e-3) and before["kl"]["mean"] > 10
+    assert after["iwae_log_likelihood"]["mean"] > before["iwae_log_likelihood"]["mean"] + 10
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +171,6 @@ def test_tensorboard_logs_hold_the_expected_tags(trained_run):
     assert tags["train/loss"] == {8, 16}  # the last step of each 8-step epoch
 
 
-def test_evaluate_refuses_a_folder_without_a_run(tmp_path):
-    result = run_script("evaluate.py", "--out-dir", tmp_path)
-    assert result.returncode == 2
-    lines = stderr_lines(result.stderr)
-    assert len(lines) == 1 and "no run in" in lines[0]
+def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys, monkeypatch):
+    code, stderr = run_main(evaluate.main, ["--out-dir", tmp_path], "evaluate.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "evaluate.py", f"no run in {tmp_path}", 2, code)

@@ -9,20 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli, run_folder
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, exported_weights, make_mnist_arrays, run_script, stderr_lines
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    exported_weights,
+    make_mnist_arrays,
+    run_script,
+    stderr_lines,
+)
 
 import dataset
 import export
 import generate
 import network
 import pictures
-import run_folder
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -224,9 +230,6 @@ def test_generate_refuses_bad_input_in_one_line_writing_nothing(case, runs, tmp_
     monkeypatch.setattr(sys, "argv", ["generate.py"])
     with pytest.raises(SystemExit) as stop:
         cli.run(generate.main, [*args, "--npy"])
-    assert stop.value.code == 2
-    lines = stderr_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and lines[0].startswith("generate.py: error:"), lines
-    assert expected in lines[0]
+    assert_one_line_error(capsys.readouterr().err, "generate.py", expected, 2, stop.value.code)
     assert (sorted(runs["fp32"].iterdir()), sorted(tmp_path.iterdir())) == before
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"

@@ -1,6 +1,6 @@
-"""The layout: imports run one way, downward (no circles); the speed-ups know nothing of
-the model or the loop; evaluate.py uses the modules, not train.py's insides; and no
-module is over 300 lines."""
+"""The layout: the top level holds the tutorial and what a user runs, the machinery one
+package; imports run one way (no circles); the tutorial's model, loss and notebook call
+none of the machinery; and no module is over 300 lines."""
 
 from __future__ import annotations
 
@@ -9,32 +9,58 @@ from pathlib import Path
 
 from conftest import ROOT
 
-SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")])
-MODULES = {path.stem for path in SOURCES}
+TOP_LEVEL = {"dataset", "network", "pictures", "train", "cvae_tensorflow", "evaluate", "export",
+             "generate"}
+SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("machinery/*.py"), *ROOT.glob("benchmarks/*.py")])
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path) for path in SOURCES}
 
 
 def project_imports(path: Path) -> set[str]:
+    """The project's modules that `path` imports (`from machinery import cli` is machinery.cli)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return (names & MODULES) - {path.stem}
+            names |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+    return {name for name in names if name in MODULES} - {module_name(path)}
+
+
+GRAPH = {module_name(path): project_imports(path) for path in SOURCES}
+
+
+def test_the_top_level_holds_the_tutorial_and_one_package():
+    assert {path.stem for path in ROOT.glob("*.py")} == TOP_LEVEL
+    packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    assert packages == {"machinery"}
 
 
 def test_imports_run_one_way():
-    graph = {path.stem: project_imports(path) for path in SOURCES}
     placed: set[str] = set()
-    while len(placed) < len(graph):  # peel off, layer by layer, what imports only what is placed
-        layer = {name for name, imports in graph.items() if name not in placed and imports <= placed}
-        assert layer, f"an import circle among {sorted(set(graph) - placed)}"
+    while len(placed) < len(GRAPH):  # peel off, layer by layer, what imports only what is placed
+        layer = {name for name, imports in GRAPH.items() if name not in placed and imports <= placed}
+        assert layer, f"an import circle among {sorted(set(GRAPH) - placed)}"
         placed |= layer
-    assert not graph["cli"]
-    assert graph["speedups"] <= {"cli"}
-    assert "train" not in graph["evaluate"] | graph["run_folder"] | graph["run_log"] | graph["pictures"]
-    assert {name for name, imports in graph.items() if "train" in imports} <= {
-        "cvae_tensorflow", "benchmark", "variants"}
+    assert GRAPH["machinery"] == set() and GRAPH["machinery.cli"] <= {"machinery"}
+    assert "train" not in set().union(*(GRAPH[name] for name in GRAPH if name.startswith("machinery")))
+    assert "train" not in GRAPH["evaluate"] | GRAPH["pictures"] | GRAPH["export"]
+
+
+def test_the_tutorials_code_calls_none_of_the_machinery():
+    # network.py imports machinery.cli for its command line alone (python network.py).
+    assert GRAPH["network"] == {"machinery", "machinery.cli"}
+    source = (ROOT / "network.py").read_text()
+    tutorial_part = source[:source.index("# python network.py: what the model looks like")]
+    mentions = [line for line in tutorial_part.splitlines() if "machinery" in line or "cli" in line]
+    assert len(mentions) == 1 and mentions[0].startswith("from machinery import cli  #"), mentions
+    assert GRAPH["cvae_tensorflow"] == set()  # the notebook stands alone
 
 
 def test_no_module_is_over_300_lines():

@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, exported_weights, make_mnist_arrays, run_script, stderr_lines, write_idx_folder
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    exported_weights,
+    make_mnist_arrays,
+    run_main,
+    run_script,
+    stderr_lines,
+    write_idx_folder,
+)
+
+import train
 
 EPOCHS = 3
 TINY = dict(num_train=1600, num_test=64)  # 50 steps an epoch: long enough to stop inside one
@@ -231,7 +242,8 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, case):
+def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, case, capsys,
+                                                   monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     (tmp_path / "notes.txt").write_text("not an archive\n")
@@ -240,12 +252,8 @@ def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, ca
     if "--data" not in flags:
         flags = [*flags, "--data", str(data)]
     before = snapshot(run)
-    result = run_script("train.py", "--out-dir", run, *flags)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    lines = stderr_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), lines
-    assert expected in lines[0]
+    code, stderr = run_main(train.main, ["--out-dir", run, *flags], "train.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "train.py", expected, 2, code)
     assert snapshot(run) == before
 
 
@@ -263,18 +271,16 @@ def test_an_unusable_out_dir_is_refused(tmp_path, data, where, expected):
         assert out.read_text() == "keep me\n"
 
 
-def test_a_run_holds_its_folder_while_evaluate_may_read_it(tmp_path, data):
+def test_a_run_holds_its_folder_while_evaluate_may_read_it(tmp_path, data, capsys, monkeypatch):
     out = tmp_path / "busy"
     # Long epochs (batch 8), so that it still trains while the others start.
     args = ["--data", str(data), "--out-dir", str(out), "--epochs", "100", "--batch-size", "8"]
     process = start_and_wait_for_epoch(args, out, epoch=1)
     try:
-        for flag in ("--resume", "--overwrite"):
-            result = run_script("train.py", *args[:4], flag)
-            assert result.returncode == 2, result.stderr[-2000:]
-            lines = stderr_lines(result.stderr)
-            assert len(lines) == 1 and f"{out} is in use by a run in progress (process " \
-                f"{process.pid})" in lines[0], lines
+        for flag in ("--resume", "--overwrite"):  # from this process: the lock is the other's
+            code, stderr = run_main(train.main, [*args[:4], flag], "train.py", capsys, monkeypatch)
+            assert_one_line_error(stderr, "train.py", f"{out} is in use by a run in progress (process "
+                                  f"{process.pid})", 2, code)
             assert (out / "config.json").is_file() and (out / "checkpoints").is_dir()
         result = run_script("evaluate.py", "--out-dir", out, "--iw-samples", "2", "--data", data)
         assert result.returncode == 0, result.stderr[-2000:]

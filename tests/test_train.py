@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from statistics import NormalDist
 
+from machinery import steps
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -33,8 +35,8 @@ def test_train_steps_have_finite_gradients_and_lower_the_loss():
     first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
     weights_before = [w.numpy() for w in model.trainable_variables]
     first_loss = network.compute_loss(model, x, first_eps)
-    train_steps = train.make_train_function(model, optimizer, rng)
-    losses = train_steps(tf.stack([x] * 5), tf.constant(0), tf.constant(5))
+    loop = steps.StepLoop(train.train_step, model, optimizer, rng)
+    losses = np.concatenate([losses for _, losses in loop.epoch_losses(tf.concat([x] * 5, 0), 32)])
     assert losses.shape == (5,)
     np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
     assert any(not np.array_equal(a, b.numpy())
@@ -47,10 +49,9 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     tf.keras.utils.set_random_seed(4)
     model = network.CVAE(2)
     optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
-    optimizer.build(model.trainable_variables)
     images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
-    train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(4))
-    calls = list(train.epoch_losses(train_steps, images, batch_size=32, steps_per_call=2))
+    loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(4))
+    calls = list(loop.epoch_losses(images, batch_size=32, steps_per_call=2))
     assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
     losses = np.concatenate([losses for _, losses in calls])
 
@@ -94,7 +95,8 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     model = network.CVAE(2)
     images = (np.random.default_rng(4).random((1300, 28, 28, 1)) < 0.2).astype(np.float32)
     batches = dataset.make_batches(images, dataset.EVAL_BATCH_SIZE)
-    elbo = train.test_set_elbo(model, batches, tf.random.Generator.from_seed(9), shards=shards)
+    test_loss = steps.compiled_loss(network.compute_loss, model, tf.random.Generator.from_seed(9), shards)
+    elbo = train.test_set_elbo(test_loss, batches)
     rng = tf.random.Generator.from_seed(9)  # the same noise, drawn in the same batches
     batch_means = [network.compute_loss(model, images[i:i + 1000], rng.normal((len(images[i:i + 1000]), 2)))
                    for i in (0, 1000)]
@@ -132,11 +134,10 @@ def test_the_train_step_trains_with_network_compute_loss(monkeypatch):
             tf.keras.utils.set_random_seed(6)
             model = network.CVAE(2)
             optimizer = tf.keras.optimizers.Adam(1e-3)
-            optimizer.build(model.trainable_variables)
             before = [w.numpy() for w in model.trainable_variables]
-            train_steps = train.make_train_function(model, optimizer, tf.random.Generator.from_seed(6),
-                                                    shards=shards)
-            train_steps(tf.stack([x] * 3), tf.constant(0), tf.constant(3))
+            loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(6),
+                                  shards=shards)
+            list(loop.epoch_losses(tf.concat([x] * 3, 0), 32))
             moved[name, shards] = [not np.array_equal(a, b.numpy())
                                    for a, b in zip(before, model.trainable_variables)]
     for shards in (1, 2):

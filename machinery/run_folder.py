@@ -2,7 +2,7 @@
 
 config.json holds a run's settings and a fingerprint of its data; --resume continues
 from the latest intact checkpoint with those settings, --overwrite replaces the run.
-metrics.csv holds a row per epoch. Everything is written whole (cli.atomic_path).
+metrics.csv holds a row per epoch. Everything is written whole (files.atomic_path).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import typing
 from pathlib import Path
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli, files
 
 import numpy as np
 import tensorflow as tf
@@ -65,7 +65,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def save_metrics(rows: list[dict], path: Path) -> None:
-    with cli.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -220,7 +220,7 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
     if args.resume and args.overwrite:
         raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
                             "choose one")
-    out_dir = cli.ensure_out_dir(args.out_dir)
+    out_dir = files.ensure_out_dir(args.out_dir)
     # What this process answers for: the whole run; or, for another worker, its checkpoints
     # (in one shared run folder, the chief's files are the chief's to check and replace).
     own_outputs = RUN_OUTPUTS if chief else (checkpoint_folder,)
@@ -265,7 +265,7 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
         for pattern in own_outputs:
             for path in out_dir.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    with cli.atomic_path(out_dir / "config.json") as tmp:
+    with files.atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return Run(config, out_dir, dataset.binarize(train_images), dataset.binarize(test_images),
                train_labels, test_labels, resume_from)

@@ -4,12 +4,11 @@ batch, which process writes the run's outputs, and a line saying what the run ru
 from __future__ import annotations
 
 import argparse
+import os
 
-import cli  # first: it loads TensorFlow without its start-up logs
+from machinery import cli
 
 import tensorflow as tf
-
-import speedups
 
 STRATEGIES = ("default", "mirrored", "multiworker")
 
@@ -22,6 +21,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default=None,
                         help="for --strategy mirrored, a comma-separated device list such as "
                              "GPU:0,GPU:1 (default: every local GPU, else the CPU)")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _device_key(name: str) -> tuple[str, int | None] | None:
@@ -62,7 +65,7 @@ def describe(strategy: tf.distribute.Strategy, shards: int = 1) -> str:
         details = tf.config.experimental.get_device_details(gpus[0])
         where = f"GPU:0 ({details.get('device_name', 'a GPU')})"
     else:
-        where = f"CPU, {speedups.available_cores()} cores (no GPU found)"
+        where = f"CPU, {available_cores()} cores (no GPU found)"
     if shards > 1:
         where += f"; each batch in {shards} shards side by side (--shards)"
     return f"Device: {where}"

@@ -1,0 +1,49 @@
+"""The machinery around the tutorial's code: what runs it fast, exactly and safely, and
+what the scripts share. The tutorial's own code (network.py, train.py's train_step and
+loop) calls none of it; the loop hands its pieces to it.
+
+  cli         flags with their defaults in --help; one-line errors, exit code 2 for bad input
+  files       folders checked before use, files and folders written whole
+  run_folder  config.json, --resume and --overwrite, metrics.csv, one run per folder
+  records     a run's checkpoints, TensorBoard, progress bar, and what a checkpoint holds
+  faults      Ctrl-C and SIGTERM between steps; a full disk or a lost worker in one line
+  distribute  tf.distribute: --strategy, each replica's share, the chief, the workers' agreement
+  steps       train_step run many steps a tf.function call, its batch in replicas and shards
+  speed       faster kernels swapped into the built model, threads for the shards
+  exact       gradients added two at a time, so that a seed repeats a run bit for bit
+
+Importing the package, or any module of it, first loads TensorFlow without its C++
+start-up logs (oneDNN and CUDA notices), so that a terminal shows the scripts' own lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+
+
+def _load_tensorflow_quietly() -> None:
+    """Load TensorFlow and find its devices with file descriptor 2 sent to /dev/null (its
+    C++ libraries write there, not to sys.stderr), then log only its errors from then on;
+    TF_CPP_MIN_LOG_LEVEL=0 or 1 keeps every line."""
+    os.environ.setdefault(TF_LOG_LEVEL, "2")
+    if os.environ[TF_LOG_LEVEL] in ("0", "1"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    tf.get_logger().setLevel("WARNING")  # where Python is interactive (Jupyter) it says INFO too
+
+
+_load_tensorflow_quietly()

@@ -1,0 +1,138 @@
+"""What a training run keeps: the state a checkpoint holds (the weights, Adam's moments,
+the run's random generator, the fixed test sample), the records written each epoch
+(metrics.csv, TensorBoard), and the progress bar of an epoch."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from machinery import cli, distribute, run_folder
+
+import imageio.v3 as iio
+import numpy as np
+import tensorflow as tf
+
+import pictures
+
+KEEP_CHECKPOINTS = 3
+LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
+
+
+class RunState:
+    """What a checkpoint holds and restores: the model, the optimizer, the epoch, the
+    run's `rng` (all its noise), and the tutorial's `test_sample` of 16 test digits with
+    the noise that draws them, fixed for the run so that the frames differ only by
+    training. Each worker of a multi-worker run keeps its checkpoints in its run folder's
+    `checkpoint_folder` (distribute.checkpoint_folder)."""
+
+    def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
+                 test_images: np.ndarray, seed: int, out_dir: Path,
+                 checkpoint_folder: str = "checkpoints") -> None:
+        self.out_dir = out_dir
+        self.rng = tf.random.Generator.from_seed(seed)
+        picks = np.sort(np.random.default_rng(seed).choice(
+            len(test_images), pictures.NUM_EXAMPLES_TO_GENERATE, replace=False))
+        self.test_sample = tf.Variable(test_images[picks], trainable=False)
+        self.sample_eps = tf.Variable(self.rng.normal(
+            (pictures.NUM_EXAMPLES_TO_GENERATE, model.latent_dim)), trainable=False)
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, rng=self.rng, epoch=tf.Variable(0, dtype=tf.int64),
+            sample_images=self.test_sample, sample_eps=self.sample_eps)
+        self.checkpoint_dir = out_dir / checkpoint_folder
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.checkpoint_dir),
+                                                  max_to_keep=KEEP_CHECKPOINTS)
+
+    def resume(self, checkpoint_path: str | None, epochs: int,
+               strategy: tf.distribute.Strategy | None = None) -> int:
+        """Restore `checkpoint_path` (None: a new run) and return its epoch, 0 for a new run.
+        The workers of a multi-worker run first agree on the last epoch all of them have."""
+        strategy = strategy or tf.distribute.get_strategy()
+        checkpoint_path = run_folder.agreed_checkpoint(checkpoint_path, distribute.from_every_worker(
+            strategy, run_folder.checkpoint_epoch(checkpoint_path)), self.checkpoint_dir)
+        if checkpoint_path is None:
+            return 0
+        self.checkpoint.restore(checkpoint_path).assert_existing_objects_matched()
+        done = int(self.checkpoint.epoch)
+        print(f"Resuming {self.out_dir} after epoch {done}" if done < epochs
+              else f"The run in {self.out_dir} has finished its {done} epochs")
+        return done
+
+    def save(self, epoch: int) -> None:
+        """Save the checkpoint of a complete epoch: what marks it complete."""
+        self.checkpoint.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+
+
+class EpochRecords:
+    """metrics.csv, a row an epoch, and TensorBoard: the test ELBO, the epoch's time, the
+    train loss every LOG_EVERY_STEPS steps and the sample grid. Only the `chief` writes."""
+
+    def __init__(self, out_dir: Path, chief: bool = True, done: int = 0) -> None:
+        self.out_dir, self.chief = out_dir, chief
+        self.metrics = [row for row in run_folder.read_metrics(out_dir / "metrics.csv")
+                        if row["epoch"] <= done] if done else []
+        self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
+                            else tf.summary.create_noop_writer())
+
+    def write(self, epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:
+        """The epoch's row, its loss points and its grid (pictures.grid_path, drawn already).
+        The loss points wait until the epoch is complete, so that a stopped one logs none."""
+        self.metrics.append(row)
+        if not self.chief:
+            return
+        for step, loss in loss_points:
+            with self.tensorboard.as_default(step=step):
+                tf.summary.scalar("train/loss", loss)
+        with self.tensorboard.as_default(step=epoch):
+            tf.summary.scalar("test/elbo", row["test_elbo"])
+            if row.get("seconds"):
+                tf.summary.scalar("epoch/seconds", row["seconds"])
+                tf.summary.scalar("epoch/images_per_second", row["images_per_second"])
+            grid = iio.imread(pictures.grid_path(self.out_dir, epoch))
+            tf.summary.image("samples", grid[np.newaxis])
+        self.tensorboard.flush()
+        run_folder.save_metrics(self.metrics, self.out_dir / "metrics.csv")
+
+
+class EpochProgress:
+    """An epoch's progress bar (redrawn on a terminal, a line an epoch in a log), its running
+    mean loss and its TensorBoard loss points; a non-finite loss stops the run."""
+
+    def __init__(self, epoch: int, num_images: int, batch_size: int, steps_before: int,
+                 out_dir: Path) -> None:
+        self.epoch, self.num_images, self.batch_size = epoch, num_images, batch_size
+        self.steps_before, self.out_dir = steps_before, out_dir
+        self.steps = -(-num_images // batch_size)
+        self.bar = tf.keras.utils.Progbar(self.steps, stateful_metrics=["loss"],
+                                          verbose=1 if sys.stdout.isatty() else 2)
+        self.loss_sum, self.seen, self.loss_points = 0.0, 0, []
+
+    def update(self, first: int, losses: np.ndarray) -> None:
+        """Count the losses of the steps from `first` (0-based) on."""
+        for step, loss in enumerate(losses.tolist(), first + 1):
+            if not math.isfinite(loss):
+                raise cli.ScriptError(
+                    f"the loss is {loss} at epoch {self.epoch}, step {step}: training diverged; "
+                    f"the checkpoint of epoch {self.epoch - 1} in {self.out_dir} is intact", exit_code=1)
+            batch = min(self.batch_size, self.num_images - (step - 1) * self.batch_size)
+            self.loss_sum += loss * batch
+            self.seen += batch
+            if step % LOG_EVERY_STEPS == 0 or step == self.steps:
+                self.loss_points.append((self.steps_before + step, loss))
+        self.bar.update(first + len(losses), [("loss", self.mean_loss)])
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.seen
+
+    def row(self, test_elbo: float, seconds: float) -> dict:
+        """The epoch's row of metrics.csv."""
+        return {"epoch": self.epoch, "train_loss": round(self.mean_loss, 4),
+                "test_elbo": round(test_elbo, 4), "seconds": round(seconds, 3),
+                "images_per_second": round(self.seen / seconds, 1)}
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.num_images

@@ -1,0 +1,135 @@
+"""Speed: faster kernels swapped into a built model, and threads for the shards. Each does
+the tutorial's maths; tests/test_speed.py checks each against Keras' own layer, and
+docs/speed.md measures them.
+
+- use_fast_kernels(model): in bf16, convolutions whose bias gradient is summed in float32
+  (Keras' CPU kernel sums bfloat16 in bfloat16 and stalls); and the logits layer (stride 1,
+  to one channel) as a depthwise convolution, faster on some CPUs than the transposed one.
+  The layers keep their variables: only how they compute changes.
+- setup_shards: one core an op, several ops at once, for a batch cut into shards
+  (machinery/steps.py), instead of TensorFlow's default threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from machinery import cli, distribute
+
+import tensorflow as tf
+
+# ----------------------------------------------------------------------------
+# Kernels: Keras' convolution layers, with our own call where it must differ
+
+
+@tf.custom_gradient
+def _add_bias(outputs: tf.Tensor, bias: tf.Tensor) -> tuple[tf.Tensor, object]:
+    """outputs + bias (over the last axis), with the bias gradient summed in float32."""
+    def gradients(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        all_but_channels = list(range(len(upstream.shape) - 1))
+        bias_gradient = tf.reduce_sum(tf.cast(upstream, tf.float32), axis=all_but_channels)
+        return upstream, tf.cast(bias_gradient, bias.dtype)
+    return outputs + bias, gradients
+
+
+def _convolve_then_add_bias(layer: tf.keras.layers.Layer, inputs: tf.Tensor, convolve) -> tf.Tensor:
+    outputs = convolve(inputs)
+    if layer.use_bias:
+        bias = tf.cast(layer.bias, outputs.dtype)
+        outputs = _add_bias(outputs, bias) if outputs.dtype == tf.bfloat16 else outputs + bias
+    return layer.activation(outputs)
+
+
+class BF16Conv2D(tf.keras.layers.Conv2D):
+    """tf.keras.layers.Conv2D in bfloat16, with a float32 bias gradient."""
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return _convolve_then_add_bias(self, inputs, lambda x: self.convolution_op(x, self.kernel))
+
+
+class BF16Conv2DTranspose(tf.keras.layers.Conv2DTranspose):
+    """tf.keras.layers.Conv2DTranspose in bfloat16, with a float32 bias gradient."""
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return _convolve_then_add_bias(self, inputs, lambda x: tf.keras.ops.conv_transpose(
+            x, self.kernel, strides=list(self.strides), padding=self.padding,
+            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+            data_format=self.data_format))
+
+
+class DepthwiseLogits(tf.keras.layers.Conv2DTranspose):
+    """A stride-1 transposed convolution to one channel ('same', odd kernel) as what it
+    equals: a convolution by the flipped kernel, which to one channel is a depthwise
+    convolution summed over the channels."""
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        def convolve(x: tf.Tensor) -> tf.Tensor:
+            kernel = tf.transpose(self.kernel[::-1, ::-1], (0, 1, 3, 2))  # (rows, cols, in, 1)
+            return tf.reduce_sum(tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME"),
+                                 axis=-1, keepdims=True)
+        return _convolve_then_add_bias(self, inputs, convolve)
+
+
+def is_logits_shape(layer: tf.keras.layers.Layer) -> bool:
+    """Whether `layer` is a transposed convolution that DepthwiseLogits computes exactly."""
+    return (isinstance(layer, tf.keras.layers.Conv2DTranspose) and layer.filters == 1
+            and layer.strides == (1, 1) and layer.padding == "same"
+            and layer.output_padding is None and layer.dilation_rate == (1, 1)
+            and layer.data_format == "channels_last"
+            and all(size % 2 == 1 for size in layer.kernel_size)
+            and layer.compute_dtype == "float32")
+
+
+def _faster_class(layer: tf.keras.layers.Layer, depthwise_logits: bool) -> type | None:
+    if type(layer) is tf.keras.layers.Conv2DTranspose and depthwise_logits and is_logits_shape(layer):
+        return DepthwiseLogits
+    if layer.compute_dtype == "bfloat16":
+        return {tf.keras.layers.Conv2D: BF16Conv2D,
+                tf.keras.layers.Conv2DTranspose: BF16Conv2DTranspose}.get(type(layer))
+    return None
+
+
+def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool = True) -> list[str]:
+    """Swap the faster class into each of the model's layers (nested too) that has one:
+    same variables, same maths. Returns the names of the layers swapped."""
+    swapped = []
+    for layer in getattr(model, "layers", []):
+        faster = _faster_class(layer, depthwise_logits)
+        if faster is not None:
+            layer.__class__ = faster
+            swapped.append(layer.name)
+        swapped += use_fast_kernels(layer, depthwise_logits)
+    return swapped
+
+
+# ----------------------------------------------------------------------------
+# Threads: each batch in shards side by side, a core each
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=cli.positive_int, default=None,
+                        help="cut each batch into N pieces computed side by side, the cores "
+                             "shared among them (default: 2 with --strategy default on a "
+                             "machine with no GPU and 2 or more cores, else 1); the results "
+                             "are the same to float rounding, and repeat bit for bit")
+
+
+def setup_shards(requested: int | None = None, strategy_name: str = "default") -> int:
+    """How many shards to cut each batch into (--shards), with TensorFlow's threads set
+    for them: that many ops at once, the cores shared among them. By default 2 on one
+    CPU device of 2 or more cores, else 1; and 1 where TensorFlow started already."""
+    cores = distribute.available_cores()
+    shards = requested or (2 if strategy_name == "default" and cores >= 2
+                           and not tf.config.list_physical_devices("GPU") else 1)
+    if shards == 1:
+        return 1
+    threads = (shards, max(1, cores // shards))  # inter-op, intra-op
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(threads[0])
+        tf.config.threading.set_intra_op_parallelism_threads(threads[1])
+    except RuntimeError:  # TensorFlow has started: thread settings are fixed now
+        started_with = (tf.config.threading.get_inter_op_parallelism_threads(),
+                        tf.config.threading.get_intra_op_parallelism_threads())
+        if started_with != threads and requested is None:
+            return 1  # faster than 2 shards on the default threads
+    return shards

@@ -1,0 +1,133 @@
+"""How the loop runs train.train_step: many steps in one tf.function call, each batch
+shared among the replicas of a tf.distribute strategy and cut into shards side by side,
+with the noise of every step drawn from the run's random generator.
+
+Each piece (a replica's share, or a shard of it) runs train_step as the tutorial wrote
+it, with a GradientSum in place of the optimizer: the sum weighs each piece's gradients by
+its share of the batch, so that the update is the whole batch's, and hands it to the
+optimizer once. On one device with one shard, train_step gets the optimizer itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from machinery import distribute, exact
+
+import numpy as np
+import tensorflow as tf
+
+STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C after each call
+
+TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps) -> loss
+LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps) -> loss
+
+
+class GradientSum:
+    """Stands in for the optimizer in each piece's train_step: it keeps the piece's
+    gradients, weighted by the piece's share of the batch, and adds them up."""
+
+    def __init__(self) -> None:
+        self.weight: float | tf.Tensor = 1.0
+        self.total: list[tf.Tensor] | None = None
+
+    def apply_gradients(self, grads_and_vars) -> None:
+        gradients, self.variables = zip(*grads_and_vars)
+        weighted = [gradient * self.weight for gradient in gradients]
+        self.total = weighted if self.total is None else [
+            total + gradient for total, gradient in zip(self.total, weighted)]
+
+
+def piece_count(x: tf.Tensor) -> int | tf.Tensor:
+    """The images in `x`: static where its shape is known."""
+    return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
+
+
+def pieces(x: tf.Tensor, eps: tf.Tensor, shards: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """This replica's share of (x, eps), cut into `shards` consecutive slices (no empty one)."""
+    x, eps = distribute.replica_share(x), distribute.replica_share(eps)
+    shards = max(1, min(shards, x.shape[0] or shards))
+    return [(distribute.split_slice(x, i, shards), distribute.split_slice(eps, i, shards))
+            for i in range(shards)]
+
+
+def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tensor,
+                  eps: tf.Tensor, shards: int) -> tf.Tensor:
+    """compute_loss of `x`, in `shards` slices side by side, each weighted by its share."""
+    total = None
+    for x_piece, eps_piece in pieces(x, eps, shards):
+        loss = compute_loss(model, x_piece, eps_piece) * (piece_count(x_piece) / piece_count(x))
+        total = loss if total is None else total + loss
+    return total
+
+
+class StepLoop:
+    """Runs `train_step` on an epoch's batches, STEPS_PER_CALL to a compiled call (see
+    the module's docstring); `epoch_losses` yields the losses as each call ends."""
+
+    def __init__(self, train_step: TrainStep, model: tf.keras.Model,
+                 optimizer: tf.keras.optimizers.Optimizer, rng: tf.random.Generator, *,
+                 strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> None:
+        self.train_step, self.model, self.optimizer, self.rng = train_step, model, optimizer, rng
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.shards = shards
+        if not optimizer.built:  # its variables must exist before the loop is traced
+            with self.strategy.scope():
+                optimizer.build(model.trainable_variables)
+
+    def _replica_step(self, x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+        """train_step on this replica's share of the batch `x`, a shard at a time."""
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        if replicas == 1 and self.shards == 1:
+            return self.train_step(self.model, x, self.optimizer, eps)
+        gradients, loss = GradientSum(), 0.0
+        for x_piece, eps_piece in pieces(x, eps, self.shards):
+            gradients.weight = piece_count(x_piece) / piece_count(x)
+            loss += self.train_step(self.model, x_piece, gradients, eps_piece) * gradients.weight
+        self.optimizer.apply_gradients(zip(gradients.total, gradients.variables))
+        return loss
+
+    @tf.function
+    def _steps(self, batches: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        """Steps on batches[first], .., batches[first + count - 1]; their losses."""
+        losses = tf.TensorArray(tf.float32, size=count)
+        for i in tf.range(count):
+            # One step after the other (a loop may otherwise start the next iterations early).
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            x = batches[first + i]
+            eps = self.rng.normal(shape=(tf.shape(x)[0], self.model.latent_dim))
+            with exact.gradients_added_in_pairs():
+                loss = self.strategy.run(self._replica_step, args=(x, eps))
+            losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
+        return losses.stack()
+
+    def epoch_losses(self, images: tf.Tensor, batch_size: int,
+                     steps_per_call: int = STEPS_PER_CALL) -> Iterator[tuple[int, np.ndarray]]:
+        """A step on each batch of `images` in order; after each call, the index of its first
+        step and its losses. The last batch may be smaller."""
+        # Batches of static shape: the kernels, and so the results, are those of a function
+        # traced for one batch (a dynamic batch size rounds differently).
+        full = len(images) // batch_size
+        batches = tf.reshape(images[:full * batch_size], (full, batch_size, *images.shape[1:]))
+        for first in range(0, full, steps_per_call):
+            count = min(steps_per_call, full - first)
+            yield first, self._steps(batches, tf.constant(first), tf.constant(count)).numpy()
+        if full * batch_size < len(images):  # the smaller last batch: one call of its own shape
+            last = images[tf.newaxis, full * batch_size:]
+            yield full, self._steps(last, tf.constant(0), tf.constant(1)).numpy()
+
+
+def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.random.Generator,
+                  shards: int = 1) -> Callable[[tf.Tensor], tf.Tensor]:
+    """compute_loss(model, x, eps) as one compiled call, eps drawn from `rng`, `x` in
+    shards side by side: for the test ELBO."""
+    @tf.function
+    def loss(x: tf.Tensor) -> tf.Tensor:
+        eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
+        return weighted_loss(compute_loss, model, x, eps, shards)
+    return loss
+
+
+def flatten(losses: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The losses of epoch_losses' calls, as one array."""
+    return np.concatenate([call_losses for _, call_losses in losses])
