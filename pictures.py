@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 NUM_EXAMPLES_TO_GENERATE = 16  # the 4x4 grid saved every epoch
 MANIFOLD_SIZE = 20  # digits per side of the latent manifold
+ENCODE_BATCH = 1000  # test images encoded a call, for the latent space
 
 
 def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
@@ -119,8 +120,8 @@ def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> N
 def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
     """The test set's latent means, coloured by label; the first two principal components
     when the latent space has more than two dimensions."""
-    means = np.concatenate([model.encode(images[start:start + 1000])[0].numpy()  # 1,000 a call
-                            for start in range(0, len(images), 1000)])
+    means = np.concatenate([model.encode(images[start:start + ENCODE_BATCH])[0].numpy()
+                            for start in range(0, len(images), ENCODE_BATCH)])
     if means.shape[1] == 1:
         points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
         title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")

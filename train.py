@@ -86,7 +86,7 @@ def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers
     return loss
 
 
-def test_set_elbo(test_loss: steps.LossFunction, test_dataset: tf.data.Dataset) -> float:
+def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) -> float:
     """Minus compute_loss over the test set: each batch's mean weighted by its size, so
     that it is the mean over every image (the tutorial averages the batch means)."""
     total, count = 0.0, 0
@@ -109,8 +109,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     checkpoint to go on from. The images are binarized float32 (N, 28, 28, 1)."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
-    state = records.RunState(model, optimizer, test_images, seed, out_dir,
-                             distribute.checkpoint_folder(strategy))
+    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy)
     step_loop = steps.StepLoop(functools.partial(train_step, kl=kl), model, optimizer, state.rng,
                                strategy=strategy, shards=shards)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
@@ -118,15 +117,16 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     train_dataset = tf.constant(train_images)  # shuffled anew every epoch, below
     test_dataset = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
 
-    done = state.resume(resume_from, epochs)  # the last complete epoch; 0 for a new run
-    log = records.EpochRecords(out_dir, chief, done)
-    if not done:
+    done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
+    epoch_records = records.EpochRecords(out_dir, chief, done)
+    if done is None:
         elbo = test_set_elbo(test_loss, test_dataset)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         if chief:
             pictures.generate_and_save_images(model, 0, state.test_sample, state.sample_eps, out_dir)
-        log.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
+        epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
         state.save(0)
+        done = 0
 
     with faults.GracefulStop() as stop:  # Ctrl-C and SIGTERM stop at the next call's end
         for epoch in range(done + 1, epochs + 1):
@@ -141,6 +141,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                     break
             end_time = time.perf_counter()
             if not progress.complete:
+                print()  # below the progress bar
                 raise stop.stopped(f"during epoch {epoch} (step {progress.seen // batch_size} of "
                                    f"{progress.steps})", epoch - 1, out_dir)
 
@@ -151,11 +152,11 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             if chief:
                 pictures.generate_and_save_images(model, epoch, state.test_sample, state.sample_eps,
                                                   out_dir)
-            log.write(epoch, progress.row(elbo, seconds), progress.loss_points)
+            epoch_records.write(epoch, progress.row(elbo, seconds), progress.loss_points)
             state.save(epoch)  # last: the checkpoint marks the epoch complete
             if stop.signal and epoch < epochs:
                 raise stop.stopped(f"after epoch {epoch}", epoch, out_dir)
-    return log.metrics
+    return epoch_records.metrics
 
 
 def save_final_outputs(model: network.CVAE, config: dict, out_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The machinery around the tutorial's code: what runs it fast, exactly and safely, and
-what the scripts share. The tutorial's own code (network.py, train.py's train_step and
-loop) calls none of it; the loop hands its pieces to it.
+what the scripts share. The tutorial's model, loss and train_step (network.py, train.py)
+call none of it; train.py's loop hands train_step to it and records each epoch with it.
 
   cli         flags with their defaults in --help; one-line errors, exit code 2 for bad input
   files       folders checked before use, files and folders written whole

@@ -90,7 +90,8 @@ def int_between(low: int, high: int) -> Callable[[str], int | float]:
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's main(); a ScriptError (bad input: exit code 2) ends it in one line."""
+    """Run a script's main(); a ScriptError ends it in one line, with its exit code (2 for
+    a UserError, bad input), and Ctrl-C with exit code 130."""
     prog = Path(sys.argv[0]).name
     _flush_every_line()
     try:
@@ -126,7 +127,6 @@ def hide_native_logs() -> None:
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     os.close(null)
-
 
 
 def peak_memory_gib() -> float | None:

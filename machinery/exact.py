@@ -5,7 +5,8 @@ TensorFlow's CPU AddN starts its sum from whichever input buffer it may reuse, w
 depends on timing when ops run side by side: with three inputs or more, the rounding
 then differs from run to run. A sum of two is the same in either order. Within
 `gradients_added_in_pairs()`, a tape adds its gradients as a chain of sums of two (what
-tf.gradients calls AggregationMethod.EXPERIMENTAL_TREE), whatever loss it differentiates.
+tf.gradients calls AggregationMethod.EXPERIMENTAL_TREE), whatever loss it differentiates,
+in the order the tape found them: the same order for the same traced code.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _add_in_pairs(gradients: Sequence[tf.Tensor]) -> tf.Tensor:
 @contextlib.contextmanager
 def gradients_added_in_pairs() -> Iterator[None]:
     """Within it (while a tf.function traces, or eagerly), every tf.GradientTape adds
-    the gradients of a tensor two at a time."""
+    the gradients of a tensor two at a time. Not to be nested: it puts TensorFlow's own
+    sums back on leaving."""
     default = backprop._default_vspace
     pywrap_tfe.TFE_Py_RegisterVSpace(default._replace(aggregate_fn=_add_in_pairs))
     try:

@@ -24,13 +24,13 @@ class RunState:
     """What a checkpoint holds and restores: the model, the optimizer, the epoch, the
     run's `rng` (all its noise), and the tutorial's `test_sample` of 16 test digits with
     the noise that draws them, fixed for the run so that the frames differ only by
-    training. Each worker of a multi-worker run keeps its checkpoints in its run folder's
-    `checkpoint_folder` (distribute.checkpoint_folder)."""
+    training. Each worker of a multi-worker run keeps its checkpoints in its own folder of
+    the run folder (distribute.checkpoint_folder)."""
 
     def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                  test_images: np.ndarray, seed: int, out_dir: Path,
-                 checkpoint_folder: str = "checkpoints") -> None:
-        self.out_dir = out_dir
+                 strategy: tf.distribute.Strategy | None = None) -> None:
+        self.out_dir, self.strategy = out_dir, strategy or tf.distribute.get_strategy()
         self.rng = tf.random.Generator.from_seed(seed)
         picks = np.sort(np.random.default_rng(seed).choice(
             len(test_images), pictures.NUM_EXAMPLES_TO_GENERATE, replace=False))
@@ -40,19 +40,17 @@ class RunState:
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, rng=self.rng, epoch=tf.Variable(0, dtype=tf.int64),
             sample_images=self.test_sample, sample_eps=self.sample_eps)
-        self.checkpoint_dir = out_dir / checkpoint_folder
+        self.checkpoint_dir = out_dir / distribute.checkpoint_folder(self.strategy)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.checkpoint_dir),
                                                   max_to_keep=KEEP_CHECKPOINTS)
 
-    def resume(self, checkpoint_path: str | None, epochs: int,
-               strategy: tf.distribute.Strategy | None = None) -> int:
-        """Restore `checkpoint_path` (None: a new run) and return its epoch, 0 for a new run.
-        The workers of a multi-worker run first agree on the last epoch all of them have."""
-        strategy = strategy or tf.distribute.get_strategy()
+    def resume(self, checkpoint_path: str | None, epochs: int) -> int | None:
+        """Restore `checkpoint_path` and return its epoch; None for a new run (no path). The
+        workers of a multi-worker run first agree on the last epoch all of them have."""
         checkpoint_path = run_folder.agreed_checkpoint(checkpoint_path, distribute.from_every_worker(
-            strategy, run_folder.checkpoint_epoch(checkpoint_path)), self.checkpoint_dir)
+            self.strategy, run_folder.checkpoint_epoch(checkpoint_path)), self.checkpoint_dir)
         if checkpoint_path is None:
-            return 0
+            return None
         self.checkpoint.restore(checkpoint_path).assert_existing_objects_matched()
         done = int(self.checkpoint.epoch)
         print(f"Resuming {self.out_dir} after epoch {done}" if done < epochs
@@ -69,10 +67,11 @@ class EpochRecords:
     """metrics.csv, a row an epoch, and TensorBoard: the test ELBO, the epoch's time, the
     train loss every LOG_EVERY_STEPS steps and the sample grid. Only the `chief` writes."""
 
-    def __init__(self, out_dir: Path, chief: bool = True, done: int = 0) -> None:
+    def __init__(self, out_dir: Path, chief: bool = True, done: int | None = None) -> None:
+        """`done`: the epoch a resumed run restored, whose rows of metrics.csv it keeps."""
         self.out_dir, self.chief = out_dir, chief
-        self.metrics = [row for row in run_folder.read_metrics(out_dir / "metrics.csv")
-                        if row["epoch"] <= done] if done else []
+        self.metrics = [] if done is None else [
+            row for row in run_folder.read_metrics(out_dir / "metrics.csv") if row["epoch"] <= done]
         self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
                             else tf.summary.create_noop_writer())
 

@@ -43,7 +43,7 @@ RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "te
                "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", network.KERAS_FILE,
                network.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
                "latent_space.png", "interpolation.png", "training_curves.png", "generated.*",
-               ".*.tmp.*")
+               ".evaluation-kept.npz", ".*.tmp.*")
 LOCK_FILE = ".run.lock"  # held by the process that trains in the folder (hold)
 _HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
 METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")

@@ -111,7 +111,8 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
                         help="cut each batch into N pieces computed side by side, the cores "
                              "shared among them (default: 2 with --strategy default on a "
                              "machine with no GPU and 2 or more cores, else 1); the results "
-                             "are the same to float rounding, and repeat bit for bit")
+                             "are the same to float rounding, and repeat bit for bit on 2 "
+                             "cores (with more, each op has more than one thread)")
 
 
 def setup_shards(requested: int | None = None, strategy_name: str = "default") -> int:

@@ -10,7 +10,7 @@ optimizer once. On one device with one shard, train_step gets the optimizer itse
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from machinery import distribute, exact
 
@@ -20,45 +20,55 @@ import tensorflow as tf
 STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C after each call
 
 TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps) -> loss
-LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps) -> loss
+LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ...) -> loss
+CompiledLoss = Callable[[tf.Tensor], tf.Tensor]  # images -> loss, the noise drawn inside
 
 
 class GradientSum:
-    """Stands in for the optimizer in each piece's train_step: it keeps the piece's
-    gradients, weighted by the piece's share of the batch, and adds them up."""
+    """Stands in for the optimizer in each piece's train_step: it keeps the gradients of
+    each piece, weighted by the piece's share of the batch (`next_piece`), and adds them."""
 
-    def __init__(self) -> None:
-        self.weight: float | tf.Tensor = 1.0
-        self.total: list[tf.Tensor] | None = None
+    def __init__(self, variables: Sequence[tf.Variable]) -> None:
+        self.variables, self.total, self.weight = list(variables), None, 1.0
 
-    def apply_gradients(self, grads_and_vars) -> None:
-        gradients, self.variables = zip(*grads_and_vars)
-        weighted = [gradient * self.weight for gradient in gradients]
+    def next_piece(self, weight: float | tf.Tensor) -> None:
+        self.weight = weight
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[tf.Tensor, tf.Variable]]) -> None:
+        weighted = [tf.math.multiply_no_nan(gradient, self.weight) for gradient, _ in grads_and_vars]
         self.total = weighted if self.total is None else [
             total + gradient for total, gradient in zip(self.total, weighted)]
 
 
-def piece_count(x: tf.Tensor) -> int | tf.Tensor:
+def num_images(x: tf.Tensor) -> int | tf.Tensor:
     """The images in `x`: static where its shape is known."""
     return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
 
 
-def pieces(x: tf.Tensor, eps: tf.Tensor, shards: int) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """This replica's share of (x, eps), cut into `shards` consecutive slices (no empty one)."""
-    x, eps = distribute.replica_share(x), distribute.replica_share(eps)
-    shards = max(1, min(shards, x.shape[0] or shards))
-    return [(distribute.split_slice(x, i, shards), distribute.split_slice(eps, i, shards))
-            for i in range(shards)]
+def weighted_pieces(x: tf.Tensor, eps: tf.Tensor, shards: int
+                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, float | tf.Tensor]]:
+    """This replica's share of the batch (x, eps), cut into `shards` consecutive slices (no
+    more than it has images), each with its share of the whole batch `x`: a weight. A
+    share known to be empty (a last batch smaller than the replicas) has no pieces; one
+    empty at run time gets weight 0."""
+    share, share_eps = distribute.replica_share(x), distribute.replica_share(eps)
+    if share.shape[0] == 0:
+        return  # some CPU kernels fail on an empty batch: nothing to compute
+    shards = max(1, min(shards, share.shape[0] if share.shape[0] is not None else shards))
+    for i in range(shards):
+        piece = distribute.split_slice(share, i, shards)
+        yield piece, distribute.split_slice(share_eps, i, shards), num_images(piece) / num_images(x)
 
 
 def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tensor,
                   eps: tf.Tensor, shards: int) -> tf.Tensor:
-    """compute_loss of `x`, in `shards` slices side by side, each weighted by its share."""
+    """compute_loss of `x`, in `shards` slices side by side, each weighted by its share
+    (multiply_no_nan: the mean of an empty share is NaN, its weight 0)."""
     total = None
-    for x_piece, eps_piece in pieces(x, eps, shards):
-        loss = compute_loss(model, x_piece, eps_piece) * (piece_count(x_piece) / piece_count(x))
+    for piece, piece_eps, weight in weighted_pieces(x, eps, shards):
+        loss = tf.math.multiply_no_nan(compute_loss(model, piece, piece_eps), tf.cast(weight, tf.float32))
         total = loss if total is None else total + loss
-    return total
+    return tf.constant(0.0) if total is None else total
 
 
 class StepLoop:
@@ -80,11 +90,14 @@ class StepLoop:
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         if replicas == 1 and self.shards == 1:
             return self.train_step(self.model, x, self.optimizer, eps)
-        gradients, loss = GradientSum(), 0.0
-        for x_piece, eps_piece in pieces(x, eps, self.shards):
-            gradients.weight = piece_count(x_piece) / piece_count(x)
-            loss += self.train_step(self.model, x_piece, gradients, eps_piece) * gradients.weight
-        self.optimizer.apply_gradients(zip(gradients.total, gradients.variables))
+        summed, loss = GradientSum(self.model.trainable_variables), tf.constant(0.0)
+        for piece, piece_eps, weight in weighted_pieces(x, eps, self.shards):
+            summed.next_piece(weight)
+            piece_loss = self.train_step(self.model, piece, summed, piece_eps)
+            loss += tf.math.multiply_no_nan(piece_loss, tf.cast(weight, tf.float32))
+        if summed.total is None:  # an empty share: it adds nothing to the batch's gradients
+            summed.total = [tf.zeros_like(variable) for variable in summed.variables]
+        self.optimizer.apply_gradients(zip(summed.total, summed.variables))
         return loss
 
     @tf.function
@@ -118,7 +131,7 @@ class StepLoop:
 
 
 def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.random.Generator,
-                  shards: int = 1) -> Callable[[tf.Tensor], tf.Tensor]:
+                  shards: int = 1) -> CompiledLoss:
     """compute_loss(model, x, eps) as one compiled call, eps drawn from `rng`, `x` in
     shards side by side: for the test ELBO."""
     @tf.function
@@ -126,8 +139,3 @@ def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.ran
         eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
         return weighted_loss(compute_loss, model, x, eps, shards)
     return loss
-
-
-def flatten(losses: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
-    """The losses of epoch_losses' calls, as one array."""
-    return np.concatenate([call_losses for _, call_losses in losses])

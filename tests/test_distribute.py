@@ -12,8 +12,8 @@ from conftest import run_script, stderr_lines
 
 import network
 
-# Runs under tests/two_cpus.py: one step on 2 batches (a full one and a smaller, unevenly
-# split one) on one device and mirrored on two, from the same weights and noise.
+# Runs under tests/two_cpus.py: steps on full batches, a smaller unevenly split one, and one
+# of a single image, on one device and mirrored on two, from the same weights and noise.
 COMPARE_STEPS = """
 import json, sys
 from machinery import steps
@@ -36,7 +36,10 @@ for optimizer_name in ("sgd", "adam"):
         model.set_weights(initial)
         loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(3),
                               strategy=strategy)
-        losses = np.concatenate([losses for _, losses in loop.epoch_losses(images, 32)])
+        # 39 images: a full batch, then 7 split 3 and 4; then 33: a last batch of one image,
+        # one replica's share empty.
+        losses = np.concatenate([losses for count in (39, 33)
+                                 for _, losses in loop.epoch_losses(images[:count], 32)])
         results[name] = (losses, [np.asarray(w) for w in model.get_weights()])
     (loss_1, weights_1), (loss_2, weights_2) = results["single"], results["mirrored"]
     report[optimizer_name] = {

@@ -88,8 +88,10 @@ def start_and_wait_for_epoch(args: list[str], out: Path, epoch: int) -> subproce
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, data, reference):
+    """Killed during epoch 1: it resumes from the untrained model's checkpoint, ckpt-0 (the
+    signals below stop it in epoch 2)."""
     out = tmp_path / "run"
-    process = start_and_wait_for_epoch(train_args(data, out), out, epoch=1)
+    process = start_and_wait_for_epoch(train_args(data, out), out, epoch=0)
     process.kill()
     process.communicate()
     assert process.returncode == -signal.SIGKILL
