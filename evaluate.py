@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, files, run_folder
+from machinery import cli, distribute, files, resumable, run_folder, steps
 
 import numpy as np
 import tensorflow as tf
@@ -37,7 +37,8 @@ import network
 import pictures
 
 IW_SAMPLES = 100
-IWAE_IMAGES = 32  # test images a batch of the IWAE bound: its unit of progress
+IWAE_IMAGES = 32  # test images a batch of the IWAE bound: what a stopped evaluation keeps
+KEPT_FILE = ".evaluation-kept.npz"  # in the run folder, until the evaluation is complete
 # Decoded images per call of the IWAE bound: the K draws of a batch are taken in chunks,
 # so memory stays bounded (a few hundred MB) whatever K is.
 DECODES_PER_CALL = 4096
@@ -62,7 +63,7 @@ def build_parser() -> cli.ArgumentParser:
 
 # The functions below take compute_loss as an argument: tf.function traces them anew for
 # another compute_loss, so that an edit of it (or a stand-in, in a test) always shows.
-LossFunction = Callable[..., tf.Tensor]  # network.compute_loss(model, x, eps, kl)
+LossFunction = steps.LossFunction
 
 
 def losses_of_each_image(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
@@ -87,11 +88,12 @@ def elbo_parts(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor, ep
 
 
 @tf.function
-def log_mean_weight(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
+def log_sum_weights(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
                     eps: tf.Tensor) -> tf.Tensor:
     """log of the sum over k of the importance weights p(x, z_k) / q(z_k|x) of each image
     of `x`, the draws z_k from the noise eps (batch, k, latent): (batch,). Each log-weight
-    is minus compute_loss of the image and z_k; the encoder runs once per image."""
+    is minus compute_loss of the image and z_k; the encoder's ops do not depend on z_k, so
+    tf.vectorized_map runs them once per image, not k times."""
     def log_weights(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         image, noise = pair
         return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None]), noise,
@@ -115,7 +117,7 @@ def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
     chunk = max(1, min(k, DECODES_PER_CALL // len(x)))
     total = tf.fill([len(x)], -np.inf)
     for start in range(0, k, chunk):
-        chunk_sum = log_mean_weight(network.compute_loss, model, x, eps[:, start:start + chunk])
+        chunk_sum = log_sum_weights(network.compute_loss, model, x, eps[:, start:start + chunk])
         total = tf.reduce_logsumexp(tf.stack([total, chunk_sum]), axis=0)
     return (total - math.log(k)).numpy()
 
@@ -126,14 +128,23 @@ def mean_and_stderr(values: np.ndarray) -> dict:
 
 
 def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl: str,
-                 seed: int) -> dict:
-    """The test figures of `model` on `images`: the ELBO, its two parts, and the IWAE bound."""
+                 seed: int, kept: Path | None = None, work: dict | None = None) -> dict:
+    """The test figures of `model` on `images`: the ELBO, its two parts, and the IWAE bound.
+    The IWAE bound's batches are kept in `kept` as they finish (the work that `work`
+    describes), so that the same evaluation asked for again goes on from there."""
     parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)), kl)
              for i, x in enumerate(dataset.make_batches(images, dataset.EVAL_BATCH_SIZE))]
     elbo, logpx_z, kl_term = (np.concatenate([part[j].numpy() for part in parts]) for j in range(3))
-    iwae = np.concatenate([
-        iwae_bound(model, x, noise(seed, i, 1, (len(x), iw_samples, model.latent_dim)))
-        for i, x in enumerate(dataset.make_batches(images, IWAE_IMAGES))])
+    batches = resumable.BatchResults(kept, {"iw_samples": iw_samples, "seed": seed, **(work or {})},
+                                     len(images))
+    if batches.resumed:
+        print(f"Going on from the {batches.resumed} batches of {IWAE_IMAGES} images kept in {kept}")
+    done = 0
+    for i, x in enumerate(dataset.make_batches(images, IWAE_IMAGES)):
+        done += len(x)
+        batches.batch(i, lambda x=x, i=i: iwae_bound(
+            model, x, noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))), done)
+    iwae = batches.all()
     return {"elbo": mean_and_stderr(elbo),
             "reconstruction_log_likelihood": mean_and_stderr(logpx_z),
             "kl": mean_and_stderr(kl_term),
@@ -165,8 +176,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")
 
+    work = {"checkpoint": checkpoint_path, "data_sha256": config["data_sha256"],
+            "test_images": len(test_images)}  # what a kept evaluation must match to go on
     figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=config["kl"],
-                           seed=args.seed)
+                           seed=args.seed, kept=out_dir / KEPT_FILE, work=work)
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
               "kl_estimator": config["kl"], "seed": args.seed, **figures}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from machinery import cli
+from machinery import cli, hardware
 
 import tensorflow as tf
 
@@ -65,7 +65,7 @@ def describe(strategy: tf.distribute.Strategy, shards: int = 1) -> str:
         details = tf.config.experimental.get_device_details(gpus[0])
         where = f"GPU:0 ({details.get('device_name', 'a GPU')})"
     else:
-        where = f"CPU, {available_cores()} cores (no GPU found)"
+        where = f"CPU, {available_cores()} cores: {hardware.describe_cpu()}; no GPU found"
     if shards > 1:
         where += f"; each batch in {shards} shards side by side (--shards)"
     return f"Device: {where}"

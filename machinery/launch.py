@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-from machinery import cli, distribute, faults, run_folder, speed
+from machinery import cli, distribute, faults, hardware, run_folder, speed
 
 import tensorflow as tf
 
@@ -41,6 +41,8 @@ def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_fo
             distribute.barrier(strategy)
         out_dir = run.out_dir
         print(distribute.describe(strategy, shards))
+        if run.config["precision"] == "bf16" and (warning := hardware.bf16_warning()):
+            print(warning)
         print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
               f"writing to {out_dir}/")
         # The same seed must give the same run: the weights start from it, and deterministic

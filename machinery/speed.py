@@ -4,8 +4,9 @@ docs/speed.md measures them.
 
 - use_fast_kernels(model): in bf16, convolutions whose bias gradient is summed in float32
   (Keras' CPU kernel sums bfloat16 in bfloat16 and stalls); and the logits layer (stride 1,
-  to one channel) as a depthwise convolution, faster on some CPUs than the transposed one.
-  The layers keep their variables: only how they compute changes.
+  to one channel) as a depthwise convolution, on CPUs with AVX-512, where it is faster than
+  the transposed one (with AVX2 alone it is slower). The layers keep their variables: only
+  how they compute changes.
 - setup_shards: one core an op, several ops at once, for a batch cut into shards
   (machinery/steps.py), instead of TensorFlow's default threads.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from machinery import cli, distribute
+from machinery import cli, distribute, hardware
 
 import tensorflow as tf
 
@@ -89,9 +90,18 @@ def _faster_class(layer: tf.keras.layers.Layer, depthwise_logits: bool) -> type 
     return None
 
 
-def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool = True) -> list[str]:
+def depthwise_logits_pay() -> bool:
+    """Whether the depthwise logits kernel is the faster one here: on a CPU with AVX-512
+    (measured in docs/speed.md), not with AVX2 alone nor on a GPU."""
+    return not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
+
+
+def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None = None) -> list[str]:
     """Swap the faster class into each of the model's layers (nested too) that has one:
-    same variables, same maths. Returns the names of the layers swapped."""
+    same variables, same maths. `depthwise_logits`: whether the logits layer is swapped
+    (None: where it pays, depthwise_logits_pay). Returns the names of the layers swapped."""
+    if depthwise_logits is None:
+        depthwise_logits = depthwise_logits_pay()
     swapped = []
     for layer in getattr(model, "layers", []):
         faster = _faster_class(layer, depthwise_logits)

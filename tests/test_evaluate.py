@@ -174,3 +174,32 @@ def test_tensorboard_logs_hold_the_expected_tags(trained_run):
 def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys, monkeypatch):
     code, stderr = run_main(evaluate.main, ["--out-dir", tmp_path], "evaluate.py", capsys, monkeypatch)
     assert_one_line_error(stderr, "evaluate.py", f"no run in {tmp_path}", 2, code)
+
+
+def test_a_stopped_evaluation_goes_on_from_its_last_batch(model, images, tmp_path, monkeypatch):
+    """Stopped (Ctrl-C) in its third batch of the IWAE bound, evaluated again with the same
+    settings: it keeps the first two and gives the figures of an evaluation never stopped;
+    with other settings, it starts afresh."""
+    x, kept = images[:96], tmp_path / "kept.npz"  # three batches of 32
+    whole = evaluate.evaluate_run(model, x, iw_samples=4, kl="mc", seed=2)
+    original, calls = evaluate.iwae_bound, []
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(evaluate, "iwae_bound", counted)
+    for stop_at, k, computed in ((3, 4, 3), (0, 4, 1), (3, 4, 3), (0, 5, 3)):
+        calls.clear()
+        if stop_at:
+            with pytest.raises(KeyboardInterrupt):
+                evaluate.evaluate_run(model, x, iw_samples=k, kl="mc", seed=2, kept=kept, work={"a": 1})
+            assert kept.is_file()
+        else:
+            again = evaluate.evaluate_run(model, x, iw_samples=k, kl="mc", seed=2, kept=kept, work={"a": 1})
+            assert not kept.is_file()  # complete: nothing left kept
+            if k == 4:
+                assert again == whole
+        assert len(calls) == computed

@@ -28,7 +28,7 @@ def test_the_logits_layer_as_a_depthwise_convolution_is_keras(kernel_size):
     rng = np.random.default_rng(7)
     keras.set_weights([rng.normal(size=w.shape) for w in keras.get_weights()])
     ours.set_weights(keras.get_weights())
-    assert speed.use_fast_kernels(ours) == [ours.layers[0].name]
+    assert speed.use_fast_kernels(ours, depthwise_logits=True) == [ours.layers[0].name]
     assert type(ours.layers[0]) is speed.DepthwiseLogits
     assert type(keras.layers[0]) is tf.keras.layers.Conv2DTranspose
     x = tf.constant(rng.normal(size=(4, 28, 28, 32)), tf.float32)
@@ -54,7 +54,8 @@ def test_the_logits_layer_as_a_depthwise_convolution_is_keras(kernel_size):
                                    tf.keras.layers.Conv2D(8, 3)])
 def test_other_layers_keep_keras_own_kernels(layer):
     model = keras_model(layer, shape=(7, 7, 4))
-    assert speed.use_fast_kernels(model) == [] and type(model.layers[0]).__module__.startswith("keras")
+    assert speed.use_fast_kernels(model, depthwise_logits=True) == []
+    assert type(model.layers[0]).__module__.startswith("keras")
 
 
 def test_the_cvaes_fast_kernels_keep_its_variables_and_outputs():
@@ -65,10 +66,21 @@ def test_the_cvaes_fast_kernels_keep_its_variables_and_outputs():
         model = network.CVAE(2, precision)
         before = [w.numpy() for w in model.weights]
         loss = network.compute_loss(model, x, eps)
-        assert len(speed.use_fast_kernels(model)) == swapped
+        assert len(speed.use_fast_kernels(model, depthwise_logits=True)) == swapped
         assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
         np.testing.assert_allclose(network.compute_loss(model, x, eps), loss, rtol=1e-5 if precision == "fp32"
                                    else 1e-3)
+
+
+@pytest.mark.parametrize("sets, gpu, swapped", [(["AVX2", "AVX-512"], False, True),
+                                                (["AVX2"], False, False), (["AVX2", "AVX-512"], True, False)])
+def test_the_logits_layer_is_swapped_only_where_it_pays(monkeypatch, sets, gpu, swapped):
+    """By default, the depthwise logits kernel on a CPU with AVX-512 only: with AVX2 alone
+    (and, unmeasured, on a GPU) Keras' own kernel is the faster."""
+    monkeypatch.setattr(speed.hardware, "instruction_sets", lambda: sets)
+    monkeypatch.setattr(speed.hardware, "has_gpu", lambda: gpu)
+    model = network.CVAE(2)
+    assert speed.use_fast_kernels(model) == ([model.decoder.layers[-1].name] if swapped else [])
 
 
 @pytest.mark.parametrize("kind", [tf.keras.layers.Conv2D, tf.keras.layers.Conv2DTranspose])

@@ -1,0 +1,63 @@
+"""Long work in numbered batches, kept as it goes: each finished batch's results are saved
+(whole, machinery.files), so that the same work asked for again after a stop (Ctrl-C, a
+kill) goes on from the last finished batch, with the same results; and a progress bar
+with its ETA, redrawn on a terminal, a line every PROGRESS_SECONDS in a log."""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from machinery import files
+
+import numpy as np
+import tensorflow as tf
+
+PROGRESS_SECONDS = 30.0  # how often a log (not a terminal) gets a progress line
+
+
+class BatchResults:
+    """The results of the batches of one piece of work, kept in `path`. `key` says what the
+    work is (its settings): results kept for another key are not this work's, and are
+    replaced."""
+
+    def __init__(self, path: Path | None, key: dict, total: int) -> None:
+        """`path`: where to keep them (None: nowhere); `total`: the work to do, for the bar."""
+        self.path, self.key = path, json.dumps(key, sort_keys=True)
+        self.results: dict[int, np.ndarray] = {}
+        if path is not None and path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as kept:
+                    if str(kept["key"]) == self.key:
+                        self.results = {int(name.split("_")[1]): kept[name] for name in kept.files
+                                        if name.startswith("batch_")}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                pass  # not a file this could have written whole: the work starts afresh
+        tty = sys.stdout.isatty()
+        self.bar = tf.keras.utils.Progbar(total, verbose=1, interval=0.05 if tty else PROGRESS_SECONDS,
+                                          unit_name="image")
+
+    @property
+    def resumed(self) -> int:
+        """How many batches were kept from before."""
+        return len(self.results)
+
+    def batch(self, index: int, compute: Callable[[], np.ndarray], done: int) -> None:
+        """Batch `index`'s results: kept from before, or computed now and kept at once.
+        `done`: the work done once this batch is, for the bar."""
+        if index not in self.results:
+            self.results[index] = np.asarray(compute())
+            if self.path is not None:
+                with files.atomic_path(self.path) as tmp:
+                    np.savez(tmp, key=np.array(self.key),
+                             **{f"batch_{i}": values for i, values in self.results.items()})
+        self.bar.update(done)
+
+    def all(self) -> np.ndarray:
+        """Every batch's results in order, once the work is complete; its file is removed."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        return np.concatenate([self.results[i] for i in sorted(self.results)])
