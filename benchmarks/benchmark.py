@@ -22,7 +22,10 @@ after warm-up), a whole epoch (the input pipeline included) and the test-set ELB
 figures are medians over --repeats, the variants taking turns, so that a slow moment of
 a shared machine hits them alike. A fp32 and a bf16 matmul, timed in the same run, show
 what the machine can do: the step's GFLOP/s are given as a fraction of the fp32 one.
-The table is printed and written with every raw timing to --out-dir/benchmark.json.
+A last row times evaluate.py's IWAE bound: decodes per second, and as a fraction of
+the fp32 matmul. The CPU and its instruction sets head the table; a bf16 row is marked
+"emulated" where the CPU has no bfloat16 instructions. The table is printed and written
+with every raw timing to --out-dir/benchmark.json.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, files, speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, files, hardware, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from variants import SETTINGS, VARIANTS, Variant, train_flops_per_image  # noqa: E402
+import variants  # noqa: E402
+from variants import SETTINGS, VARIANTS, Variant  # noqa: E402
 
 import dataset  # noqa: E402
 import train  # noqa: E402
@@ -116,8 +120,10 @@ def serve(name: str, data: str | None, dataset_name: str, train_size: int | None
     variant.steps(1)
     connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
                      "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
-                     "flops_per_step": train_flops_per_image(variant.model) * batch_size})
-    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate}
+                     "flops_per_step": variants.train_flops_per_image(variant.model) * batch_size,
+                     "flops_per_decode": variants.decode_flops(variant.model)})
+    jobs = {"steps": variant.steps, "epoch": variant.epoch, "evaluate": variant.evaluate,
+            "iwae": variant.iwae}
     while (command := connection.recv()) != ("stop",):
         job, *arguments = command
         connection.send(timed(jobs[job], *arguments))
@@ -148,7 +154,7 @@ class Worker:
                                   f"{self.process.exitcode})") from None
 
     def ask(self, *command: object) -> Any:
-        """("steps", n), ("epoch", number) or ("evaluate",): its (seconds, result)."""
+        """("steps", n), ("epoch", number), ("evaluate",) or ("iwae",): its (seconds, result)."""
         self.connection.send(command)
         return self._answer()
 
@@ -211,7 +217,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             latest = {key: values[-1] for key, values in timings[name].items()}
             print(f"  repeat {repeat + 1}/{args.repeats} {name:15s} epoch {latest['epoch_seconds']:6.2f} s  "
                   f"step {latest['step_seconds'] * 1e3:6.2f} ms  evaluation {seconds:5.2f} s", flush=True)
+    first.ask("iwae")  # warm-up, then evaluate.py's IWAE bound in the first variant's process
+    iwae_seconds, decodes_per_call = zip(*(first.ask("iwae") for _ in range(args.repeats)))
+    decodes = decodes_per_call[0] / float(np.median(iwae_seconds))
+    iwae_gflops = decodes * first.ready["flops_per_decode"] / 1e9
+    iwae = {"images": decodes_per_call[0] // variants.IWAE_SAMPLES, "k": variants.IWAE_SAMPLES,
+            "seconds": list(iwae_seconds),
+            "decodes_per_second": decodes, "gflops_per_second": iwae_gflops,
+            "fraction_of_fp32_matmul": iwae_gflops / gflops_fp32}
     peaks = {name: worker.stop() for name, worker in workers.items()}
+    emulated = hardware.bf16_is_emulated()
 
     baseline = names[0]
 
@@ -227,14 +242,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         epoch = float(np.median(timings[name]["epoch_seconds"]))
         evaluation = float(np.median(timings[name]["eval_seconds"]))
         rows.append({
-            "variant": name, "ms_per_step": step * 1e3, "images_per_second": args.batch_size / step,
+            "variant": f"{name} (emulated)" if emulated and SETTINGS[name][0] == "bf16" else name,
+            "ms_per_step": step * 1e3, "images_per_second": args.batch_size / step,
             "gflops_per_second": flops_per_step / step / 1e9,
             "fraction_of_fp32_matmul": flops_per_step / step / 1e9 / gflops_fp32,
             "epoch_seconds": epoch, "epoch_ratio": ratio(name, "epoch_seconds"),
             "eval_seconds": evaluation, "eval_ratio": ratio(name, "eval_seconds"),
             "peak_memory_gib": peaks[name],
         })
-    print(f"\nMedians of {args.repeats}; epoch = {len(train_images):,} images, input pipeline "
+    print(f"\n{hardware.describe_cpu()}, {os.cpu_count()} cores"
+          f"{'' if not tf.config.list_physical_devices('GPU') else ', with a GPU'}")
+    print(f"Medians of {args.repeats}; epoch = {len(train_images):,} images, input pipeline "
           f"included; ratios: the median of each repeat's ratio to {baseline}\n")
     header = (f"| {'variant':15s} | ms/step | images/s | GFLOP/s | of fp32 matmul | epoch s | "
               f"epoch ratio | eval s | eval ratio | peak GiB |")
@@ -245,10 +263,16 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{row['gflops_per_second']:7.1f} | {row['fraction_of_fp32_matmul']:14.2f} | "
               f"{row['epoch_seconds']:7.2f} | {row['epoch_ratio']:11.2f} | {row['eval_seconds']:6.2f} | "
               f"{row['eval_ratio']:10.2f} | {row['peak_memory_gib'] or float('nan'):8.2f} |")
-    print("\npeak GiB: the peak memory (RSS) of the variant's process")
+    print("\npeak GiB: the peak memory (RSS) of the variant's process" + (
+        "; emulated: this CPU has no bfloat16 instructions" if emulated else ""))
+    print(f"IWAE bound (evaluate.py, {first.name}'s process), {iwae['images']} images x K = {iwae['k']}: "
+          f"{decodes:,.0f} decodes/s, {iwae['gflops_per_second']:.1f} GFLOP/s, "
+          f"{iwae['fraction_of_fp32_matmul']:.2f} of the fp32 matmul")
 
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "cpu": hardware.cpu_name(),
+                    "instruction_sets": hardware.instruction_sets(),
+                    "bf16_maths": hardware.has_bf16_maths(), "bf16_emulated": emulated,
                     "cpus": os.cpu_count(),
                     "gpus": len(tf.config.list_physical_devices("GPU")),
                     "tensorflow": tf.__version__},
@@ -260,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "matmul_gflops": {"fp32": gflops_fp32, "bf16": gflops_bf16},
         "train_flops_per_step": flops_per_step,
         "table": rows,
+        "iwae": iwae,
         "timings": timings,
     }
     path = out_dir / "benchmark.json"

@@ -1,6 +1,6 @@
 """The benchmark's variants: the tutorial's code (network.compute_loss and train.train_step
 as the tutorial runs them), and this port's loop one idea at a time (see benchmark.py),
-each with the same three jobs to time; and a step's FLOPs."""
+each with the same jobs to time; and the FLOPs of a step and of a decode."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dataset  # noqa: E402
+import evaluate  # noqa: E402
 import network  # noqa: E402
 import train  # noqa: E402
 
@@ -25,17 +26,18 @@ SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
             "fp32": ("fp32", steps.STEPS_PER_CALL, None),
             "bf16": ("bf16", steps.STEPS_PER_CALL, None)}
 VARIANTS = tuple(SETTINGS)
+# The IWAE row: evaluate.py's bound on IWAE_IMAGES test images, IWAE_SAMPLES draws each.
+IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
 
 
 # ----------------------------------------------------------------------------
 # Work per step
 
 
-def forward_flops(model: network.CVAE) -> tuple[int, int]:
-    """Multiply-adds x 2 of one image's forward pass, counted from the layer shapes, and
-    those of the first layer alone (whose input, the image, needs no gradient)."""
+def layer_flops(layers: list[tf.keras.layers.Layer]) -> list[int]:
+    """Multiply-adds x 2 of each layer for one image, counted from the layer shapes."""
     per_layer = []
-    for layer in model.encoder.layers + model.decoder.layers:
+    for layer in layers:
         if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
             _, height, width, channels = layer.input.shape
             kernel = np.prod(layer.kernel_size)
@@ -46,7 +48,19 @@ def forward_flops(model: network.CVAE) -> tuple[int, int]:
             per_layer.append(2 * height * width * filters * kernel)
         elif isinstance(layer, tf.keras.layers.Dense):
             per_layer.append(2 * layer.input.shape[-1] * layer.units)
-    return int(sum(per_layer)), int(per_layer[0])
+    return [int(flops) for flops in per_layer]
+
+
+def forward_flops(model: network.CVAE) -> tuple[int, int]:
+    """The FLOPs of one image's forward pass, and those of the first layer alone (whose
+    input, the image, needs no gradient)."""
+    per_layer = layer_flops(model.encoder.layers + model.decoder.layers)
+    return sum(per_layer), per_layer[0]
+
+
+def decode_flops(model: network.CVAE) -> int:
+    """The FLOPs of one decode, z to logits (9.49 MFLOP for the tutorial's decoder)."""
+    return sum(layer_flops(model.decoder.layers))
 
 
 def train_flops_per_image(model: network.CVAE) -> int:
@@ -68,6 +82,12 @@ class Variant:
     epoch: Callable[[int], None]
     evaluate: Callable[[], float]
 
+    def iwae(self) -> int:
+        """evaluate.py's IWAE bound (its model: Keras' own kernels) on the first test
+        images; returns the decodes it took."""
+        evaluate.iwae_bound(self.plain_model, self.iwae_images, self.iwae_noise)
+        return int(np.prod(self.iwae_noise.shape[:2]))
+
     def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
                  shards: int, batch_size: int = train.BATCH_SIZE) -> None:
         self.name, self.batch_size = name, batch_size
@@ -76,6 +96,10 @@ class Variant:
         self.model = network.CVAE(train.LATENT_DIM, precision)
         self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
         self.optimizer.build(self.model.trainable_variables)
+        self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
+        self.plain_model.set_weights(self.model.get_weights())
+        self.iwae_images = tf.constant(test_images[:IWAE_IMAGES])
+        self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), IWAE_SAMPLES, train.LATENT_DIM))
         if name == "tutorial":  # Keras' own kernels
             self._tutorial(train_images, test_images)
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from machinery import cli, distribute
+from machinery import cli, distribute, hardware
 
 import pytest
 import tensorflow as tf
@@ -31,6 +31,9 @@ def test_train_flops_are_counted_from_the_layer_shapes():
     first_layer = 2 * 13 * 13 * 32 * 9
     assert variants.forward_flops(network.CVAE(2)) == (forward, first_layer)
     assert variants.train_flops_per_image(network.CVAE(2)) == 3 * forward - first_layer
+    # A decode, z to logits: the four decoder layers above, 9.49 MFLOP.
+    assert variants.decode_flops(network.CVAE(2)) == 2 * (2 * 1568 + 49 * 9 * 32 * 64 + 196 * 9 * 64 * 32
+                                                          + 784 * 9 * 32) == 9_489_536
 
 
 def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
@@ -54,6 +57,13 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     assert report["matmul_gflops"]["fp32"] > 0 and report["startup"]["to_first_step_seconds"] > 0
     assert report["settings"]["batch_size"] == 16
     assert report["train_flops_per_step"] == 16 * variants.train_flops_per_image(network.CVAE(2))
+    machine = report["machine"]  # the CPU named, and whether its bf16 is emulated
+    assert machine["cpu"] and machine["instruction_sets"] == hardware.instruction_sets()
+    assert machine["bf16_emulated"] == hardware.bf16_is_emulated()
+    iwae = report["iwae"]
+    assert iwae["decodes_per_second"] > 0 and 0 < iwae["fraction_of_fp32_matmul"] < 2
+    assert iwae["k"] == variants.IWAE_SAMPLES and "IWAE bound (evaluate.py" in result.stdout
+    assert hardware.describe_cpu() in result.stdout
 
 
 def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
