@@ -1,12 +1,13 @@
 """Long work in numbered batches, kept as it goes: each finished batch's results are saved
 (whole, machinery.files), so that the same work asked for again after a stop (Ctrl-C, a
 kill) goes on from the last finished batch, with the same results; and a progress bar
-with its ETA, redrawn on a terminal, a line every PROGRESS_SECONDS in a log."""
+with its ETA on a terminal (Keras' Progbar), a plain line every PROGRESS_SECONDS in a log."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,9 +37,8 @@ class BatchResults:
                                         if name.startswith("batch_")}
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 pass  # not a file this could have written whole: the work starts afresh
-        tty = sys.stdout.isatty()
-        self.bar = tf.keras.utils.Progbar(total, verbose=1, interval=0.05 if tty else PROGRESS_SECONDS,
-                                          unit_name="image")
+        self.total, self.started, self.last_line = total, time.monotonic(), time.monotonic()
+        self.bar = tf.keras.utils.Progbar(total, unit_name="image") if sys.stdout.isatty() else None
 
     @property
     def resumed(self) -> int:
@@ -54,7 +54,12 @@ class BatchResults:
                 with files.atomic_path(self.path) as tmp:
                     np.savez(tmp, key=np.array(self.key),
                              **{f"batch_{i}": values for i, values in self.results.items()})
-        self.bar.update(done)
+        if self.bar is not None:
+            self.bar.update(done)
+        elif time.monotonic() - self.last_line >= PROGRESS_SECONDS or done == self.total:
+            self.last_line, seconds = time.monotonic(), time.monotonic() - self.started
+            eta = seconds / done * (self.total - done) if done else 0.0
+            print(f"{done:,}/{self.total:,} images, {seconds:.0f} s, ETA {eta:.0f} s", flush=True)
 
     def all(self) -> np.ndarray:
         """Every batch's results in order, once the work is complete; its file is removed."""
