@@ -6,6 +6,8 @@ from machinery import hardware
 
 import pytest
 
+import train
+
 
 @pytest.mark.parametrize("flags, gpu, emulated", [
     (frozenset({"avx2", "fma"}), False, True),  # AVX2 alone: TensorFlow emulates bfloat16
@@ -35,3 +37,16 @@ def test_the_instruction_sets_are_named(monkeypatch):
 def test_this_machines_flags_are_read():
     flags = hardware.cpu_flags()
     assert flags is None or all(flag == flag.lower() for flag in flags)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_a_bf16_run_says_so_before_training_where_bf16_is_emulated(emulated, tiny_npz, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_is_emulated", lambda: emulated)
+    train.main([str(arg) for arg in ("--data", tiny_npz, "--precision", "bf16", "--epochs", "1",
+                                     "--train-size", 64, "--test-size", 32, "--out-dir", tmp_path / "run")])
+    lines = capsys.readouterr().out.splitlines()
+    warned = [i for i, line in enumerate(lines) if "bf16" in line and "slower here than fp32" in line]
+    assert len(warned) == emulated
+    if emulated:  # before the first epoch
+        assert warned[0] < next(i for i, line in enumerate(lines) if line.startswith("Epoch 1/1"))
