@@ -1,9 +1,10 @@
-"""MNIST (or Fashion-MNIST) for the CVAE: load it, check it, binarize it, batch it.
+"""The images for the CVAE: load them, check them, binarize them (or scale their 8 bits), batch them.
 
 Where the data comes from, first match wins:
   --data PATH (or the CVAE_DATA variable): a Keras-format .npz (x_train, y_train,
-  x_test, y_test) or a folder with the four MNIST IDX files, plain or .gz;
-  otherwise tf.keras.datasets.mnist.load_data(), which downloads once.
+  x_test, y_test) of uint8 images (N, H, W) or (N, H, W, C), or a folder with the four
+  MNIST IDX files, plain or .gz;
+  otherwise tf.keras.datasets.<--dataset>.load_data() (MNIST by default), which downloads once.
 
     python dataset.py                    # inspect the data, write a preview PNG
     python dataset.py --data mnist.npz   # the same, offline
@@ -12,39 +13,36 @@ Where the data comes from, first match wins:
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import os
-import zipfile
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, files
+from machinery import cli, data_files, files
 from machinery.cli import UserError
 
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
+import network
 import pictures
 
-IMAGE_SIZE = 28
 NUM_CLASSES = 10
 DATA_ENV_VAR = "CVAE_DATA"
 EVAL_BATCH_SIZE = 1000  # test images a batch of the test ELBO (the noise is drawn a batch at a time)
-# Keras' array names and the IDX files that LeCun's site and its mirrors ship.
-IDX_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
+KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.datasets.fashion_mnist,
+                  "cifar10": tf.keras.datasets.cifar10}
+TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+CLASS_NAMES = {  # what the labels 0..9 mean, for the pictures
+    "mnist": tuple("0123456789"),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
 }
-KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.datasets.fashion_mnist}
-TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
-IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes; 3 dims for images, 1 for labels
 
-Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, 28, 28), labels uint8 (N,))
+Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, H, W) or (N, H, W, C), labels uint8 (N,))
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +51,8 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"Keras .npz or folder of MNIST IDX files (default: ${DATA_ENV_VAR}, "
                              f"else the Keras download)")
     parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
-                        help="which Keras download to use when no --data is given")
+                        help="which Keras download to use when no --data is given, and whose "
+                             "class names label the pictures")
 
 
 # ----------------------------------------------------------------------------
@@ -67,8 +66,8 @@ def load_mnist(
     """Return (x_train, y_train), (x_test, y_test), checked, as uint8 arrays.
 
     `path` is a .npz file or an IDX folder; None means $CVAE_DATA, then the Keras
-    download of `name` (mnist or fashion_mnist, which has MNIST's format and file names).
-    `train_size` / `test_size` keep only the first N images of a split.
+    download of `name` (mnist, fashion_mnist or cifar10). `train_size` / `test_size`
+    keep only the first N images of a split.
     """
     path = data_source(path)
     if path is None:
@@ -77,10 +76,12 @@ def load_mnist(
         source = path
         if not Path(path).exists():
             raise UserError(f"{path}: no such file or folder")
-        arrays = _read_idx_folder(Path(path)) if Path(path).is_dir() else _read_npz(Path(path))
+        arrays = (data_files.read_idx_folder if Path(path).is_dir() else data_files.read_npz)(Path(path))
     splits = []
     for split, size in (("train", train_size), ("test", test_size)):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if labels.ndim == 2 and labels.shape[1:] == (1,):  # CIFAR-10's labels are (N, 1)
+            labels = labels[:, 0]
         _check_split(images, labels, f"{source}: {split} split")
         if size is not None:
             if size > len(images):
@@ -89,6 +90,9 @@ def load_mnist(
                 )
             images, labels = images[:size], labels[:size]
         splits.append((images, labels.astype(np.uint8)))
+    if image_shape(splits[0][0]) != image_shape(splits[1][0]):
+        raise UserError(f"{source}: train images are {image_shape(splits[0][0])}, test images "
+                        f"{image_shape(splits[1][0])}: both splits need one shape")
     return splits[0], splits[1]
 
 
@@ -118,65 +122,12 @@ def _download(name: str) -> dict[str, np.ndarray]:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise UserError(f"{path}: a single .npy array, not an .npz archive of MNIST")
-        with archive:
-            missing = [key for key in IDX_FILES if key not in archive.files]
-            if missing:
-                raise UserError(
-                    f"{path}: missing {', '.join(missing)} (a Keras MNIST .npz holds "
-                    f"{', '.join(IDX_FILES)})"
-                )
-            return {key: archive[key] for key in IDX_FILES}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        # np.load says "pickled data" for any file that is neither .npy nor .npz.
-        reason = "not an .npz or zip file" if "pickle" in str(error) else cli.first_line(error)
-        raise UserError(f"{path}: cannot read it as .npz ({reason})") from None
-
-
-def _read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
-    arrays = {}
-    for key, name in IDX_FILES.items():
-        candidates = [folder / name, folder / f"{name}.gz"]
-        found = next((file for file in candidates if file.is_file()), None)
-        if found is None:
-            raise UserError(f"{folder}: no {name} (or {name}.gz); an MNIST IDX folder holds "
-                            f"{', '.join(IDX_FILES.values())}")
-        arrays[key] = read_idx(found, ndim=3 if key.startswith("x") else 1)
-    return arrays
-
-
-def read_idx(file: Path, ndim: int) -> np.ndarray:
-    """Read one IDX file of unsigned bytes (plain or gzipped) with `ndim` dimensions."""
-    try:
-        with (gzip.open if file.suffix == ".gz" else open)(file, "rb") as stream:
-            data = stream.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise UserError(f"{file}: cannot read it ({cli.first_line(error)})") from None
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise UserError(f"{file}: truncated: {len(data)} bytes, shorter than an IDX header")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != IDX_MAGIC[ndim]:
-        raise UserError(
-            f"{file}: wrong magic number 0x{magic:08x}, expected 0x{IDX_MAGIC[ndim]:08x} "
-            f"({'images' if ndim == 3 else 'labels'} of unsigned bytes)"
-        )
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header_size + int(np.prod(shape))
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "has trailing bytes"
-        raise UserError(f"{file}: {problem}: {len(data)} bytes, but its header {shape} "
-                        f"needs {expected}")
-    return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
-
-
 def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise UserError(f"{where}: images have shape {images.shape}, expected (N, 28, 28)")
+    if images.ndim not in (3, 4):
+        raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
+                        f"(N, H, W, C)")
+    if network.image_shape_problem(image_shape(images)):
+        raise UserError(f"{where}: {network.image_shape_problem(image_shape(images))}")
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")
     if len(images) == 0:
@@ -193,13 +144,29 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
 # Preprocessing and batching
 
 
+def image_shape(images: np.ndarray) -> tuple[int, int, int]:
+    """(height, width, channels) of uint8 images (N, H, W) or (N, H, W, C)."""
+    return (*images.shape[1:3], images.shape[3] if images.ndim == 4 else 1)
+
+
 def binarize(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1): 1.0 where pixel / 255 > 0.5, else 0.0.
 
     The tutorial's static binarization, compared in uint8 (pixel > 127.5) to skip
-    its float64 copy of the whole set.
+    its float64 copy of the whole set. Colour images (N, H, W, C) keep their shape.
     """
-    return (images[..., np.newaxis] > 127.5).astype(np.float32)
+    return (images.reshape(len(images), *image_shape(images)) > 127.5).astype(np.float32)
+
+
+def scale_8bit(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C), pixel / 255: the 256 levels the
+    discretized logistic models."""
+    return images.reshape(len(images), *image_shape(images)).astype(np.float32) / 255.
+
+
+def preprocess(images: np.ndarray, likelihood: str) -> np.ndarray:
+    """The images as the model takes them: binarized for the Bernoulli, scaled for the logistic."""
+    return binarize(images) if likelihood == "bernoulli" else scale_8bit(images)
 
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
@@ -229,17 +196,21 @@ def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dat
 # python dataset.py: what is in the data
 
 
-def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, columns: int = 8) -> None:
-    """A grid of binarized digits, each titled with its label."""
+def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, title: str,
+                 names: Sequence[str] = CLASS_NAMES["mnist"], columns: int = 8) -> None:
+    """A grid of images as the model sees them, each titled with its class."""
     figure = Figure(figsize=(columns * 1.1, -(-len(images) // columns) * 1.3))
-    pictures.image_grid(figure, images, columns, [str(label) for label in labels])
-    figure.suptitle("Binarized training images (label above each)")
+    pictures.image_grid(figure, images, columns, [names[label] for label in labels])
+    figure.suptitle(title)
     pictures.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = cli.ArgumentParser(description="Inspect MNIST as the CVAE sees it.")
+    parser = cli.ArgumentParser(description="Inspect the images as the CVAE sees them.")
     add_data_flags(parser)
+    parser.add_argument("--likelihood", choices=network.LIKELIHOODS, default=None,
+                        help="show the images as this p(x|z) takes them: binarized (bernoulli) "
+                             "or 8-bit (logistic) (default: bernoulli for grey, logistic for colour)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")
@@ -251,29 +222,37 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print("\nAs loaded:")
     for name, (images, labels) in splits.items():
-        print(f"  {name:5s} images {str(images.shape):16s} {images.dtype}  "
+        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}  "
               f"values {images.min()}..{images.max()}   "
               f"labels {labels.shape} {labels.dtype} {labels.min()}..{labels.max()}")
-    print("\nAfter binarization (pixel / 255 > 0.5):")
-    binarized = {name: binarize(images) for name, (images, _) in splits.items()}
-    for name, images in binarized.items():
-        values = ", ".join(f"{v:g}" for v in np.unique(images))
-        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}  values {{{values}}}  "
+    likelihood = args.likelihood or network.default_likelihood(image_shape(splits["train"][0])[2])
+    print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood:"
+          if likelihood == "bernoulli" else
+          "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood:")
+    prepared = {name: preprocess(images, likelihood) for name, (images, _) in splits.items()}
+    for name, images in prepared.items():
+        levels = np.unique(images)
+        values = ("{" + ", ".join(f"{v:g}" for v in levels) + "}" if len(levels) <= 4
+                  else f"{len(levels)} levels {levels.min():g}..{levels.max():g}")
+        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}  values {values}  "
               f"mean {images.mean():.3f}")
 
+    names = CLASS_NAMES[args.dataset]
     print("\nImages per class:")
-    print("  label " + "".join(f"{name:>8s}" for name in splits))
+    print(f"  {'class':12s}" + "".join(f"{name:>8s}" for name in splits))
     counts = {name: np.bincount(labels, minlength=NUM_CLASSES) for name, (_, labels) in splits.items()}
-    for digit in range(NUM_CLASSES):
-        print(f"  {digit:5d} " + "".join(f"{counts[name][digit]:8d}" for name in splits))
-    print("  total " + "".join(f"{len(labels):8d}" for _, labels in splits.values()))
+    for label in range(NUM_CLASSES):
+        print(f"  {label} {names[label]:10s}" + "".join(f"{counts[name][label]:8d}" for name in splits))
+    print(f"  {'total':12s}" + "".join(f"{len(labels):8d}" for _, labels in splits.values()))
 
     print(f"\nBatches per epoch at batch size {args.batch_size}: " + ", ".join(
         f"{name} {-(-len(labels) // args.batch_size)}" for name, (_, labels) in splits.items()))
 
     preview = out_dir / "dataset_preview.png"
-    save_preview(binarized["train"][:32], splits["train"][1][:32], preview)
-    print(f"\nPreview of 32 binarized training digits written to {preview}")
+    how = "Binarized" if likelihood == "bernoulli" else "8-bit"
+    save_preview(prepared["train"][:32], splits["train"][1][:32], preview,
+                 f"{how} training images (class above each)", names)
+    print(f"\nPreview of 32 {how.lower()} training images written to {preview}")
 
 
 if __name__ == "__main__":

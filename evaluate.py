@@ -8,7 +8,7 @@ the IWAE bound are minus compute_loss of the image with one draw z_k each.
 Loads the run's latest checkpoint and its config.json (no flags to repeat), and writes
 into the run folder:
 
-  evaluation.json        every figure below, K, the checkpoint's epoch, the data used
+  evaluation.json        every figure below (and bits_per_dim), K, the checkpoint's epoch, the data
   reconstructions.png    test digits (odd rows) above their reconstructions (even rows)
   prior_samples.png      64 digits decoded from z ~ N(0, I)
   latent_space.png       the test set's latent means, coloured by label
@@ -145,10 +145,12 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
         batches.batch(i, lambda x=x, i=i: iwae_bound(
             model, x, noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))), done)
     iwae = batches.all()
+    dimensions = int(np.prod(model.image_shape))  # bits per dimension: -log2 p(x) per pixel channel
     return {"elbo": mean_and_stderr(elbo),
             "reconstruction_log_likelihood": mean_and_stderr(logpx_z),
             "kl": mean_and_stderr(kl_term),
-            "iwae_log_likelihood": {"k": iw_samples, **mean_and_stderr(iwae)}}
+            "iwae_log_likelihood": {"k": iw_samples, **mean_and_stderr(iwae)},
+            "bits_per_dim": mean_and_stderr(-iwae / (dimensions * math.log(2)))}
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(np.unique(test_labels)) < 2:
         raise cli.UserError("the interpolation needs test digits of two classes; use a larger "
                             "--test-size")
-    test_images = dataset.binarize(test_images)
+    test_images = dataset.preprocess(test_images, config["likelihood"])
 
     print(distribute.describe(tf.distribute.get_strategy()))
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
@@ -182,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            seed=args.seed, kept=out_dir / KEPT_FILE, work=work)
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
+              "image_shape": config["image_shape"], "likelihood": config["likelihood"],
               "kl_estimator": config["kl"], "seed": args.seed, **figures}
     with files.atomic_path(out_dir / "evaluation.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -194,11 +197,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(line("  KL(q(z|x) || p(z))", figures["kl"]))
     print(line(f"log p(x), IWAE bound with K = {args.iw_samples}", figures["iwae_log_likelihood"]))
     print("(nats per image; +- one standard error over the test images)")
+    what = "binarized pixel" if config["likelihood"] == "bernoulli" else "8-bit pixel channel"
+    print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 
     pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png")
     pictures.save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
-    pictures.save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png")
-    pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png")
+    names = dataset.CLASS_NAMES[config["dataset"]]
+    pictures.save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png", names)
+    pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
     pictures.save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"),
                                   out_dir / "training_curves.png")
     written = ["evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",

@@ -6,7 +6,8 @@ writes into the run folder (train.py does the same at the end of every run):
   cvae.keras         the whole CVAE in Keras' format: keras.saving.load_model, with network.py
                      imported (python generate.py and python network.py --from read it)
   cvae_savedmodel/   a SavedModel for plain TensorFlow, no project code needed:
-                     decode (z -> pixel probabilities), encode (images -> mean, logvar)
+                     decode (z -> pixel probabilities; for the logistic, pixel medians),
+                     encode (images -> mean, logvar), in the shapes of the run's images
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
     archive.track(model)
 
     def decode(z: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": model.decode(z, apply_sigmoid=True)}
+        return {"probabilities": model.decode(z, apply_sigmoid=True)}  # what pictures show
 
     def encode(images: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, logvar = model.encode(images)
@@ -36,7 +37,7 @@ def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
     archive.add_endpoint("decode", decode, input_signature=[
         tf.TensorSpec((None, model.latent_dim), tf.float32, name="z")])
     archive.add_endpoint("encode", encode, input_signature=[
-        tf.TensorSpec((None, *network.IMAGE_SHAPE), tf.float32, name="images")])
+        tf.TensorSpec((None, *model.image_shape), tf.float32, name="images")])
     return archive
 
 

@@ -6,7 +6,8 @@
     python generate.py --out-dir output --interpolate -2,0 2,0 --steps 10
 
 It reads the model the run exported (cvae.keras), not the data, and writes a grid of the
-pixel probabilities as a PNG (--out) and, with --npy, the probabilities themselves.
+pixel probabilities (for the logistic likelihood, the pixels' medians), grey or colour as
+the run's images, as a PNG (--out) and, with --npy, the values themselves.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help=f"the PNG to write (default: {OUT_NAME} in --out-dir)")
     parser.add_argument("--npy", action="store_true",
-                        help="also write the pixel probabilities, (N, 28, 28, 1) float32, "
-                             "beside the PNG as .npy")
+                        help="also write the pixel values, (N, H, W, C) float32, beside the "
+                             "PNG as .npy")
     # A latent point may start with a minus: -2,0 is a value, not an unknown flag (argparse
     # takes only plain negative numbers for values; --z=-2,0 works everywhere).
     parser._negative_number_matcher = re.compile(r"^-\.?\d")

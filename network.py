@@ -4,13 +4,17 @@ The encoder maps an image x to a diagonal Gaussian q(z|x) = N(mean, exp(logvar))
 decoder maps a latent z to the logits of 28x28 Bernoulli pixels, p(x|z); the prior p(z)
 is N(0, I). Training maximizes the ELBO, log p(x|z) + log p(z) - log q(z|x), estimated
 with one sample z ~ q(z|x) per image; the loss is its negative, averaged over the batch.
+The tutorial's "Next steps" are arguments of CVAE: more filters, other image shapes, and
+a discretized logistic p(x|z) for 8-bit pixels.
 
     python network.py                    # summaries, parameter counts, a forward pass
+    python network.py --filters 512      # the bigger network of the tutorial's "Next steps"
     python network.py --from output      # the same for the model a run exported
 """
 
 from __future__ import annotations
 
+import argparse
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +30,8 @@ IMAGE_SHAPE = (28, 28, 1)
 # and the logits layer stay float32, so z, its sampling and the loss keep float32.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 KL_ESTIMATORS = ("mc", "analytic")
+# p(x|z): the tutorial's Bernoulli for binarized pixels, or a discretized logistic for 8-bit ones.
+LIKELIHOODS = ("bernoulli", "logistic")
 # Where a run exports its trained model (export.py): Keras' own format, and a SavedModel.
 KERAS_FILE = "cvae.keras"
 SAVEDMODEL_DIR = "cvae_savedmodel"
@@ -35,18 +41,24 @@ SAVEDMODEL_DIR = "cvae_savedmodel"
 class CVAE(tf.keras.Model):
     """Convolutional variational autoencoder."""
 
-    def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32") -> None:
+    def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32", filters: int | None = None,
+                 image_shape: Sequence[int] = IMAGE_SHAPE, likelihood: str = "bernoulli") -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.precision = precision
+        self.filters, self.image_shape, self.likelihood = filters, tuple(image_shape), likelihood
         hidden = PRECISIONS[precision]  # the dtype policy of the hidden layers (--precision)
+        narrow, wide = (filters, filters) if filters else (32, 64)  # --filters N: N in every one
+        height, width, channels = self.image_shape  # the decoder starts at a quarter of the size
+        # The last layer gives each pixel a logit (Bernoulli), or a mean and a log-scale (logistic).
+        outputs = channels if likelihood == "bernoulli" else 2 * channels
         self.encoder = tf.keras.Sequential(
             [
-                tf.keras.layers.InputLayer(shape=IMAGE_SHAPE),  # Keras 3 calls input_shape shape
+                tf.keras.layers.InputLayer(shape=self.image_shape),  # Keras 3 calls input_shape shape
                 tf.keras.layers.Conv2D(
-                    filters=32, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
+                    filters=narrow, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Conv2D(
-                    filters=64, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
+                    filters=wide, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Flatten(dtype=hidden),
                 # No activation
                 tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
@@ -58,17 +70,18 @@ class CVAE(tf.keras.Model):
             [
                 tf.keras.layers.InputLayer(shape=(latent_dim,)),
                 # float32: z in bfloat16 would keep 3 significant digits of the code.
-                tf.keras.layers.Dense(units=7*7*32, activation=tf.nn.relu, dtype="float32"),
-                tf.keras.layers.Reshape(target_shape=(7, 7, 32), dtype=hidden),
+                tf.keras.layers.Dense(units=(height//4)*(width//4)*32, activation=tf.nn.relu,
+                                      dtype="float32"),
+                tf.keras.layers.Reshape(target_shape=(height//4, width//4, 32), dtype=hidden),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=64, kernel_size=3, strides=2, padding='same',
+                    filters=wide, kernel_size=3, strides=2, padding='same',
                     activation='relu', dtype=hidden),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=32, kernel_size=3, strides=2, padding='same',
+                    filters=narrow, kernel_size=3, strides=2, padding='same',
                     activation='relu', dtype=hidden),
                 # No activation
                 tf.keras.layers.Conv2DTranspose(
-                    filters=1, kernel_size=3, strides=1, padding='same', dtype="float32"),
+                    filters=outputs, kernel_size=3, strides=1, padding='same', dtype="float32"),
             ],
             name="decoder",
         )
@@ -76,7 +89,8 @@ class CVAE(tf.keras.Model):
 
     def get_config(self) -> dict:
         """What keras.saving.load_model passes back to __init__ to rebuild the model."""
-        return {"latent_dim": self.latent_dim, "precision": self.precision}
+        return {"latent_dim": self.latent_dim, "precision": self.precision, "filters": self.filters,
+                "image_shape": list(self.image_shape), "likelihood": self.likelihood}
 
     @tf.function
     def sample(self, eps: tf.Tensor | None = None) -> tf.Tensor:
@@ -98,6 +112,8 @@ class CVAE(tf.keras.Model):
     def decode(self, z: tf.Tensor, apply_sigmoid: bool = False) -> tf.Tensor:
         logits = self.decoder(z)
         if apply_sigmoid:
+            if self.likelihood == "logistic":  # what pictures show: each pixel's median
+                return logistic_median(logits)
             probs = tf.sigmoid(logits)
             return probs
         return logits
@@ -110,6 +126,32 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
         axis=raxis)
 
 
+def discretized_logistic_log_prob(x: tf.Tensor, outputs: tf.Tensor, levels: int = 256) -> tf.Tensor:
+    """log P(x) of each pixel value x in {0, 1/255, ..., 1} (levels of them) under a logistic
+    whose mean and log-scale are the decoder's `outputs`, halves of the channels: the mass of
+    x's bin, the end bins taking the tails (Salimans et al. 2017, PixelCNN++)."""
+    mean, log_scale = tf.split(outputs, 2, axis=-1)
+    log_scale = tf.maximum(log_scale, -7.)  # a floor on the scale, as PixelCNN++
+    half_bin = 0.5 / (levels - 1)
+    upper = (x + half_bin - mean) * tf.exp(-log_scale)
+    lower = (x - half_bin - mean) * tf.exp(-log_scale)
+    log_cdf_upper = tf.math.log_sigmoid(upper)  # P(X < x + half_bin): the first bin's mass
+    log_sf_lower = tf.math.log_sigmoid(-lower)  # P(X > x - half_bin): the last bin's mass
+    # Any other bin: log(sigmoid(upper) - sigmoid(lower)), taken in the tail the bin lies in
+    # (sigmoid(-lower) - sigmoid(-upper) is the same mass) so that it keeps its precision.
+    flip = (upper + lower) > 0.
+    log_a = tf.math.log_sigmoid(tf.where(flip, -lower, upper))
+    log_b = tf.math.log_sigmoid(tf.where(flip, -upper, lower))
+    log_bin = log_a + tf.math.log(-tf.math.expm1(tf.minimum(log_b - log_a, -1e-12)))
+    return tf.where(x < half_bin, log_cdf_upper, tf.where(x > 1. - half_bin, log_sf_lower, log_bin))
+
+
+def logistic_median(outputs: tf.Tensor) -> tf.Tensor:
+    """Each pixel's median under the discretized logistic: its mean, clipped to 0..1."""
+    mean, _ = tf.split(outputs, 2, axis=-1)
+    return tf.clip_by_value(mean, 0., 1.)
+
+
 def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per image (--kl analytic)."""
     return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1. - logvar, axis=1)
@@ -119,8 +161,11 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
     x_logit = model.decode(z)
-    cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
-    logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    if model.likelihood == "logistic":  # --likelihood logistic: 8-bit pixels, not binarized
+        logpx_z = tf.reduce_sum(discretized_logistic_log_prob(x, x_logit), axis=[1, 2, 3])
+    else:
+        cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+        logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
     if kl == "analytic":  # --kl analytic: the KL term in closed form, for logqz_x - logpz
         return -tf.reduce_mean(logpx_z - analytic_kl(mean, logvar))
     logpz = log_normal_pdf(z, 0., 0.)
@@ -134,6 +179,50 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
 
 def count_params(model: tf.keras.Model) -> int:
     return int(sum(np.prod(weight.shape) for weight in model.weights))
+
+
+def layer_flops(layers: list[tf.keras.layers.Layer]) -> list[int]:
+    """Multiply-adds x 2 of each layer for one image, counted from the layer shapes."""
+    per_layer = []
+    for layer in layers:
+        if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
+            _, height, width, channels = layer.input.shape
+            kernel = np.prod(layer.kernel_size)
+            per_layer.append(2 * height * width * channels * kernel * layer.filters)
+        elif isinstance(layer, tf.keras.layers.Conv2D):  # each output pixel gathers a kernel
+            _, height, width, filters = layer.output.shape
+            kernel = np.prod(layer.kernel_size) * layer.input.shape[-1]
+            per_layer.append(2 * height * width * filters * kernel)
+        elif isinstance(layer, tf.keras.layers.Dense):
+            per_layer.append(2 * layer.input.shape[-1] * layer.units)
+    return [int(flops) for flops in per_layer]
+
+
+def default_likelihood(channels: int) -> str:
+    """The tutorial's Bernoulli for grey images, the discretized logistic for colour ones."""
+    return "logistic" if channels == 3 else "bernoulli"
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--filters and --likelihood, the tutorial's "Next steps" (train.py's and network.py's)."""
+    parser.add_argument("--filters", type=cli.positive_int, default=None,
+                        help="filters of every convolution but the image's own last layer "
+                             "(default: the tutorial's 32, 64 / 64, 32)")
+    parser.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
+                        help="p(x|z): bernoulli, the tutorial's, on binarized pixels; logistic, "
+                             "a discretized logistic on the 256 levels of 8-bit pixels "
+                             "(default: bernoulli for grey images, logistic for colour)")
+
+
+def image_shape_problem(shape: Sequence[int]) -> str | None:
+    """Why the CVAE cannot take images of `shape` (height, width, channels); None if it can."""
+    height, width, channels = shape
+    if height % 4 or width % 4 or min(height, width) < 8:
+        return (f"images of {height}x{width} pixels: the CVAE needs sides that are multiples "
+                f"of 4, at least 8 (its decoder doubles a quarter-size start twice)")
+    if channels not in (1, 3):
+        return f"images of {channels} channels: the CVAE draws 1 (grey) or 3 (colour)"
+    return None
 
 
 def load_model(path: str | Path) -> CVAE:
@@ -158,27 +247,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.ArgumentParser(description="Print the CVAE: summaries, parameters, shapes.")
     parser.add_argument("--latent-dim", type=cli.positive_int, default=LATENT_DIM,
                         help="size of the latent space of a new, untrained model")
+    add_model_flags(parser)
     parser.add_argument("--from", dest="source", default=None, metavar="RUN",
                         help=f"print instead the trained model a run exported: its folder "
                              f"(holding {KERAS_FILE}) or the file")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="size of the dummy batch for the forward pass")
     args = parser.parse_args(argv)
-    if args.source and "latent_dim" in cli.explicit_flags(parser, argv):
-        raise cli.UserError("--latent-dim is for a new model; the one --from loads has its own")
+    if args.source and {"latent_dim", "filters", "likelihood"} & cli.explicit_flags(parser, argv):
+        raise cli.UserError("--latent-dim, --filters and --likelihood are for a new model; the "
+                            "one --from loads has its own")
 
     if args.source:
         model = load_model(args.source)
-        print(f"Loaded {args.source}: latent_dim {model.latent_dim}, precision {model.precision}")
+        print(f"Loaded {args.source}: latent_dim {model.latent_dim}, precision {model.precision}, "
+              f"filters {model.filters or '32, 64 (the tutorial)'}, images {model.image_shape}, "
+              f"likelihood {model.likelihood}")
     else:
-        model = CVAE(args.latent_dim)
+        model = CVAE(args.latent_dim, filters=args.filters, likelihood=args.likelihood or "bernoulli")
     model.encoder.summary()
     model.decoder.summary()
     encoder_params, decoder_params = count_params(model.encoder), count_params(model.decoder)
     print(f"Parameters: encoder {encoder_params:,}, decoder {decoder_params:,}, "
           f"total {encoder_params + decoder_params:,}")
+    flops = sum(layer_flops(model.encoder.layers + model.decoder.layers))
+    print(f"FLOPs of one image's forward pass: {flops:,} (a train step: about three times that)")
 
-    x = tf.zeros((args.batch_size, *IMAGE_SHAPE))
+    x = tf.zeros((args.batch_size, *model.image_shape))
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar)
     logits = model.decode(z)

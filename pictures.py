@@ -19,17 +19,23 @@ if TYPE_CHECKING:
     from network import CVAE
 
 NUM_EXAMPLES_TO_GENERATE = 16  # the 4x4 grid saved every epoch
+DIGITS = tuple("0123456789")  # the class names of MNIST, the default
 MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 ENCODE_BATCH = 1000  # test images encoded a call, for the latent space
 
 
 def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
-    """Draw grey images of pixel probabilities in a grid of `columns`, titled if `titles`."""
+    """Draw images of pixel values 0..1 (grey, or colour with 3 channels) in a grid of
+    `columns`, titled if `titles`."""
     rows = -(-len(images) // columns)
     for i, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
         axes.axis("off")
         if i < len(images):
-            axes.imshow(np.asarray(images[i]).squeeze(), cmap="gray", vmin=0, vmax=1)
+            image = np.asarray(images[i])
+            if image.shape[-1] == 3:
+                axes.imshow(np.clip(image, 0, 1))
+            else:
+                axes.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
             if i < len(titles):
                 axes.set_title(titles[i], fontsize=8)
 
@@ -46,7 +52,7 @@ def grid_path(out_dir: Path, epoch: int) -> Path:
 def generate_and_save_images(model: CVAE, epoch: int, test_sample: tf.Tensor, eps: tf.Tensor,
                              out_dir: Path) -> None:
     """Encode, reparameterize (noise `eps`) and decode `test_sample`; save the pixel
-    probabilities as a 4x4 grid, image_at_epoch_NNNN.png."""
+    probabilities (for the logistic, medians) as a 4x4 grid, image_at_epoch_NNNN.png."""
     mean, logvar = model.encode(test_sample)
     z = model.reparameterize(mean, logvar, eps)
     predictions = model.sample(z)
@@ -68,24 +74,28 @@ def latent_walk(start: np.ndarray, end: np.ndarray, steps: int) -> tuple[np.ndar
 
 
 def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5) -> None:
-    """An animated GIF of the per-epoch grids, looping."""
-    images = [iio.imread(frame)[..., 0] for frame in frames]  # grey: R = G = B
+    """An animated GIF of the per-epoch grids, looping: grey where they are grey."""
+    images = [iio.imread(frame)[..., :3] for frame in frames]
+    if all(np.array_equal(image[..., 0], image[..., 2]) for image in images):
+        images = [image[..., 0] for image in images]  # R = G = B
     with files.atomic_path(path) as tmp:
         iio.imwrite(tmp, np.stack(images), duration=seconds_per_frame * 1000, loop=0)
 
 
-def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE, digit_size: int = 28) -> np.ndarray:
+def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE) -> np.ndarray:
     """Decode an n x n grid of the latent plane, at the normal quantiles 0.05..0.95 (ndtri is
     the tutorial's Normal.quantile), into one image: z[0] by column, z[1] by row."""
     grid = tf.math.ndtri(tf.linspace(0.05, 0.95, n)).numpy()
     z_row, z_column = np.meshgrid(grid, grid, indexing="ij")
     z = np.stack([z_column.ravel(), z_row.ravel()], axis=1).astype(np.float32)
-    digits = model.sample(tf.constant(z)).numpy().reshape(n, n, digit_size, digit_size)
-    return digits.transpose(0, 2, 1, 3).reshape(n * digit_size, n * digit_size)
+    height, width, channels = model.image_shape
+    digits = model.sample(tf.constant(z)).numpy().reshape(n, n, height, width, channels)
+    manifold = digits.transpose(0, 2, 1, 3, 4).reshape(n * height, n * width, channels)
+    return manifold[..., 0] if channels == 1 else manifold
 
 
 def save_latent_images(model: CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
-    """The manifold as a grey PNG, one pixel per decoded pixel (560 x 560 for n = 20)."""
+    """The manifold as a PNG, one pixel per decoded pixel (560 x 560 for n = 20)."""
     with files.atomic_path(path) as tmp:
         iio.imwrite(tmp, np.round(plot_latent_images(model, n) * 255).astype(np.uint8))
 
@@ -117,9 +127,10 @@ def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> N
     save_figure(figure, path, bbox_inches="tight")
 
 
-def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """The test set's latent means, coloured by label; the first two principal components
-    when the latent space has more than two dimensions."""
+def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
+                      names: Sequence[str] = DIGITS) -> None:
+    """The test set's latent means, coloured by class (`names`: of the labels 0..9); the
+    first two principal components when the latent space has more than two dimensions."""
     means = np.concatenate([model.encode(images[start:start + ENCODE_BATCH])[0].numpy()
                             for start in range(0, len(images), ENCODE_BATCH)])
     if means.shape[1] == 1:
@@ -139,13 +150,14 @@ def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path:
     axes = figure.add_subplot()
     scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5,
                            vmax=9.5, s=3, alpha=0.7)
-    figure.colorbar(scatter, ax=axes, ticks=range(10), label="label")
+    colorbar = figure.colorbar(scatter, ax=axes, ticks=range(10), label="class")
+    colorbar.ax.set_yticklabels(names)
     axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
     save_figure(figure, path, bbox_inches="tight")
 
 
 def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
-                       steps: int = 10) -> None:
+                       names: Sequence[str] = DIGITS, steps: int = 10) -> None:
     """Decode evenly spaced points on the line between the latent means of two test
     digits of different classes (the first test image and the first of another label)."""
     first = 0
@@ -154,10 +166,11 @@ def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path
     path_z, weights = latent_walk(mean[0].numpy(), mean[1].numpy(), steps)
     decoded = model.sample(tf.constant(path_z)).numpy()
     row = np.concatenate([images[[first]], decoded, images[[other]]])
-    titles = [f"test {labels[first]}"] + [f"{w:.2f}" for w in weights] + [f"test {labels[other]}"]
+    start, end = names[labels[first]], names[labels[other]]
+    titles = [f"test {start}"] + [f"{w:.2f}" for w in weights] + [f"test {end}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
     image_grid(figure, row, len(row), titles)
-    figure.suptitle(f"From a {labels[first]} to a {labels[other]} in latent space")
+    figure.suptitle(f"From a {start} to a {end} in latent space")
     save_figure(figure, path, bbox_inches="tight")
 
 

@@ -38,7 +38,8 @@ SEED = 42
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(description="Train the convolutional VAE on binarized MNIST.")
+    parser = cli.ArgumentParser(description="Train the convolutional VAE on binarized MNIST (or "
+                                            "the images --data or --dataset names).")
     parser.add_argument("--epochs", type=cli.non_negative_int, default=EPOCHS,
                         help="passes over the training set")
     parser.add_argument("--latent-dim", type=cli.positive_int, default=LATENT_DIM,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per training step")
     parser.add_argument("--learning-rate", type=cli.positive_float, default=LEARNING_RATE,
                         help="Adam's learning rate")
+    network.add_model_flags(parser)
     parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
@@ -106,7 +108,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> list[dict]:
     """Train to `epochs`, with the test ELBO, the 4x4 grid, the metrics and a checkpoint
     before training and after every epoch; return the metrics. `resume_from`: the
-    checkpoint to go on from. The images are binarized float32 (N, 28, 28, 1)."""
+    checkpoint to go on from. The images are float32 (N, H, W, C), binarized for the Bernoulli."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
     state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy)
@@ -180,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with launch.training(args, cli.explicit_flags(parser, argv)) as (run, devices):
         config = run.config
         with devices.strategy.scope():  # the variables live on the strategy's devices
-            model = network.CVAE(config["latent_dim"], config["precision"])
+            model = run_folder.new_model(config)  # network.CVAE with the run's settings
             optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
         speed.use_fast_kernels(model)  # same variables, same maths: see machinery/speed.py
         fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],

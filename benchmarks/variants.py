@@ -34,33 +34,16 @@ IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
 # Work per step
 
 
-def layer_flops(layers: list[tf.keras.layers.Layer]) -> list[int]:
-    """Multiply-adds x 2 of each layer for one image, counted from the layer shapes."""
-    per_layer = []
-    for layer in layers:
-        if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
-            _, height, width, channels = layer.input.shape
-            kernel = np.prod(layer.kernel_size)
-            per_layer.append(2 * height * width * channels * kernel * layer.filters)
-        elif isinstance(layer, tf.keras.layers.Conv2D):  # each output pixel gathers a kernel
-            _, height, width, filters = layer.output.shape
-            kernel = np.prod(layer.kernel_size) * layer.input.shape[-1]
-            per_layer.append(2 * height * width * filters * kernel)
-        elif isinstance(layer, tf.keras.layers.Dense):
-            per_layer.append(2 * layer.input.shape[-1] * layer.units)
-    return [int(flops) for flops in per_layer]
-
-
 def forward_flops(model: network.CVAE) -> tuple[int, int]:
     """The FLOPs of one image's forward pass, and those of the first layer alone (whose
     input, the image, needs no gradient)."""
-    per_layer = layer_flops(model.encoder.layers + model.decoder.layers)
+    per_layer = network.layer_flops(model.encoder.layers + model.decoder.layers)
     return sum(per_layer), per_layer[0]
 
 
 def decode_flops(model: network.CVAE) -> int:
     """The FLOPs of one decode, z to logits (9.49 MFLOP for the tutorial's decoder)."""
-    return sum(layer_flops(model.decoder.layers))
+    return sum(network.layer_flops(model.decoder.layers))
 
 
 def train_flops_per_image(model: network.CVAE) -> int:

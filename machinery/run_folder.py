@@ -30,12 +30,14 @@ OUT_DIR = "output"
 # Settings fixed for a run's life: --resume refuses a flag that contradicts them.
 # (--epochs may change: resuming with more epochs trains a finished run further.)
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
-                "kl", "dataset", "precision")
+                "kl", "dataset", "precision", "filters", "likelihood")
 # What runs from before a setting existed used, for --resume and evaluate.py.
-SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32"}
+SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32", "filters": None,
+                    "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE)}
 CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
-                "kl": str, "dataset": str, "precision": str, "data": (str, type(None)),
+                "kl": str, "dataset": str, "precision": str, "filters": (int, type(None)),
+                "likelihood": str, "image_shape": list, "data": (str, type(None)),
                 "data_sha256": str}
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
@@ -105,7 +107,7 @@ def load_config(out_dir: Path) -> dict:
         if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
             raise cli.UserError(f"{path} is damaged: {key} is missing or of the wrong type")
     for key, known in (("kl", network.KL_ESTIMATORS), ("dataset", dataset.KERAS_DATASETS),
-                       ("precision", network.PRECISIONS)):
+                       ("precision", network.PRECISIONS), ("likelihood", network.LIKELIHOODS)):
         if config[key] not in known:
             raise cli.UserError(f"{path} is damaged: unknown {key} {config[key]!r}")
     return config
@@ -150,6 +152,12 @@ def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     return None, 0
 
 
+def new_model(config: dict) -> network.CVAE:
+    """An untrained CVAE of the run's settings."""
+    return network.CVAE(config["latent_dim"], config["precision"], config["filters"],
+                        config["image_shape"], config["likelihood"])
+
+
 def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
     """The run's model at its latest intact checkpoint; with the run's config, that
     checkpoint's path and its epoch."""
@@ -159,7 +167,7 @@ def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
     checkpoint_path, epoch = latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
-    model = network.CVAE(config["latent_dim"], config["precision"])
+    model = new_model(config)
     tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
     ).assert_existing_objects_matched()
     return model, config, checkpoint_path, epoch
@@ -183,7 +191,7 @@ def agreed_checkpoint(resume_from: str | None, epochs: list[int], folder: Path) 
 class Run:
     config: dict  # the settings, as stored in config.json
     out_dir: Path
-    train_images: np.ndarray  # binarized float32 (N, 28, 28, 1)
+    train_images: np.ndarray  # float32 (N, H, W, C), as --likelihood takes them (preprocess)
     test_images: np.ndarray
     train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
     test_labels: np.ndarray
@@ -249,6 +257,8 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
     if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
                             f"got {len(test_images)}")
+    config["image_shape"] = list(dataset.image_shape(train_images))  # the model's shapes follow
+    config["likelihood"] = config["likelihood"] or network.default_likelihood(config["image_shape"][2])
     resume_from, done = None, 0
     if args.resume:  # this worker's checkpoints, else (one shared run folder) the chief's
         for folder in dict.fromkeys((checkpoint_folder, "checkpoints")):
@@ -267,5 +277,6 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     with files.atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
-    return Run(config, out_dir, dataset.binarize(train_images), dataset.binarize(test_images),
-               train_labels, test_labels, resume_from)
+    return Run(config, out_dir, dataset.preprocess(train_images, config["likelihood"]),
+               dataset.preprocess(test_images, config["likelihood"]), train_labels, test_labels,
+               resume_from)

@@ -11,17 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli
+from machinery import cli, data_files
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import dataset
 import network
 
 ROOT = Path(__file__).resolve().parents[1]
-IDX_NAMES = dataset.IDX_FILES  # Keras array name -> IDX file name
+IDX_NAMES = data_files.IDX_FILES  # Keras array name -> IDX file name
 
 
 def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) -> dict:

@@ -203,7 +203,7 @@ BAD_INPUT = {
     "npz missing a key": (lambda tmp, run: ["--overwrite", "--data", str(bad_npz(tmp, x_test=None))],
                           "missing x_test"),
     "wrong shape": (lambda tmp, run: ["--overwrite", "--data", str(
-        bad_npz(tmp, x_train=np.zeros((1600, 28, 14), np.uint8)))], "expected (N, 28, 28)"),
+        bad_npz(tmp, x_train=np.zeros((1600, 28, 14), np.uint8)))], "multiples of 4"),
     "wrong dtype": (lambda tmp, run: ["--overwrite", "--data", str(
         bad_npz(tmp, x_test=np.zeros((64, 28, 28), np.float64)))], "expected uint8"),
     "labels out of range": (lambda tmp, run: ["--overwrite", "--data", str(

@@ -90,13 +90,14 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
 
 
 @pytest.mark.parametrize("script, flags", [
-    ("dataset.py", ["--data", "--dataset", "--batch-size", "--out-dir"]),
-    ("network.py", ["--latent-dim", "--batch-size", "--from"]),
+    ("dataset.py", ["--data", "--dataset", "--likelihood", "--batch-size", "--out-dir"]),
+    ("network.py", ["--latent-dim", "--filters", "--likelihood", "--batch-size", "--from"]),
     ("export.py", ["--out-dir"]),
     ("evaluate.py", ["--out-dir", "--iw-samples", "--test-size", "--data", "--seed"]),
     ("generate.py", ["--out-dir", "--num", "--z", "--interpolate", "--steps", "--seed", "--out",
                      "--npy"]),
-    ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--kl", "--precision",
+    ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--filters",
+                  "--likelihood", "--kl", "--precision",
                   "--seed", "--data", "--dataset", "--train-size", "--test-size", "--out-dir",
                   "--resume", "--overwrite", "--strategy", "--devices", "--shards"]),
     ("benchmarks/benchmark.py", ["--data", "--dataset", "--train-size", "--repeats", "--steps",

@@ -65,6 +65,8 @@ class LatentEcho:
     """Stands in for a model: 'decodes' z into an image of brightness sigmoid(z0) on the
     left half and sigmoid(z1) on the right half, to check the manifold's layout."""
 
+    image_shape = (28, 28, 1)
+
     def sample(self, z):
         left = tf.sigmoid(z[:, 0])[:, None, None, None] * tf.ones((1, 28, 14, 1))
         right = tf.sigmoid(z[:, 1])[:, None, None, None] * tf.ones((1, 28, 14, 1))
