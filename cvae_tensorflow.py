@@ -1,11 +1,10 @@
 # %% [markdown]
 # # Convolutional Variational Autoencoder
 #
-# The TensorFlow [tutorial](https://www.tensorflow.org/tutorials/generative/cvae), cell by
-# cell. It stands alone: open it by itself on Colab (File > Upload notebook) or in Jupyter
-# and run all; it needs TensorFlow, NumPy, Matplotlib and imageio. Pictures go to the
-# current folder; offline, set `CVAE_DATA` to a Keras-format `mnist.npz`. `network.py`
-# holds the same model and loss (a test keeps them equal); `train.py` trains them faster.
+# The TensorFlow [tutorial](https://www.tensorflow.org/tutorials/generative/cvae), cell by cell. It
+# stands alone: open it by itself on Colab (File > Upload notebook) or in Jupyter and run all. Pictures
+# go to the current folder; offline, set `CVAE_DATA` to a Keras-format `mnist.npz`. `network.py` holds
+# the same model and loss (a test keeps them equal); `train.py` trains them faster, and on colour images.
 
 # %%
 import glob
@@ -30,14 +29,15 @@ if not IN_NOTEBOOK:  # run as a script: the pictures go to files, and no window 
 # %% [markdown]
 # ## Settings
 #
-# The tutorial's. A cell after this one may override them (papermill's `parameters` tag),
-# e.g. `epochs = 1; train_size = 2000` for a quick look: the first N images are used.
+# The tutorial's, then its "Next steps"; a later cell may override them (papermill's tag).
 
 # %% tags=["parameters"]
 epochs = 10
 train_size = 60000
 batch_size = 32
 test_size = 10000
+filters = None  # "Next steps": e.g. 512 in every convolution but the last (None: 32, 64)
+dataset = "mnist"  # or "fashion_mnist"
 
 # %% [markdown]
 # ## Load the MNIST dataset
@@ -52,7 +52,7 @@ if os.environ.get("CVAE_DATA"):  # offline: a local copy of the file Keras downl
     with np.load(os.environ["CVAE_DATA"]) as mnist:
         train_images, test_images = mnist["x_train"], mnist["x_test"]
 else:
-    (train_images, _), (test_images, _) = tf.keras.datasets.mnist.load_data()
+    (train_images, _), (test_images, _) = getattr(tf.keras.datasets, dataset).load_data()
 train_images, test_images = train_images[:train_size], test_images[:test_size]
 
 
@@ -86,16 +86,16 @@ test_dataset = (tf.data.Dataset.from_tensor_slices(test_images)
 class CVAE(tf.keras.Model):
     """Convolutional variational autoencoder."""
 
-    def __init__(self, latent_dim):
+    def __init__(self, latent_dim, filters=None):
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = tf.keras.Sequential(
             [
                 tf.keras.layers.InputLayer(shape=(28, 28, 1)),  # Keras 3 calls input_shape shape
                 tf.keras.layers.Conv2D(
-                    filters=32, kernel_size=3, strides=(2, 2), activation='relu'),
+                    filters=filters or 32, kernel_size=3, strides=(2, 2), activation='relu'),
                 tf.keras.layers.Conv2D(
-                    filters=64, kernel_size=3, strides=(2, 2), activation='relu'),
+                    filters=filters or 64, kernel_size=3, strides=(2, 2), activation='relu'),
                 tf.keras.layers.Flatten(),
                 # No activation
                 tf.keras.layers.Dense(latent_dim + latent_dim),
@@ -107,10 +107,10 @@ class CVAE(tf.keras.Model):
                 tf.keras.layers.Dense(units=7*7*32, activation=tf.nn.relu),
                 tf.keras.layers.Reshape(target_shape=(7, 7, 32)),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=64, kernel_size=3, strides=2, padding='same',
+                    filters=filters or 64, kernel_size=3, strides=2, padding='same',
                     activation='relu'),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=32, kernel_size=3, strides=2, padding='same',
+                    filters=filters or 32, kernel_size=3, strides=2, padding='same',
                     activation='relu'),
                 # No activation
                 tf.keras.layers.Conv2DTranspose(
@@ -193,7 +193,7 @@ num_examples_to_generate = 16
 # it will be easier to see the improvement.
 random_vector_for_generation = tf.random.normal(
     shape=[num_examples_to_generate, latent_dim])
-model = CVAE(latent_dim)
+model = CVAE(latent_dim, filters)
 
 
 # %%

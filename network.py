@@ -48,7 +48,7 @@ class CVAE(tf.keras.Model):
         self.precision = precision
         self.filters, self.image_shape, self.likelihood = filters, tuple(image_shape), likelihood
         hidden = PRECISIONS[precision]  # the dtype policy of the hidden layers (--precision)
-        narrow, wide = (filters, filters) if filters else (32, 64)  # --filters N: N in every one
+        # filters (--filters N, the tutorial's "Next steps"): N in every convolution but the last.
         height, width, channels = self.image_shape  # the decoder starts at a quarter of the size
         # The last layer gives each pixel a logit (Bernoulli), or a mean and a log-scale (logistic).
         outputs = channels if likelihood == "bernoulli" else 2 * channels
@@ -56,9 +56,9 @@ class CVAE(tf.keras.Model):
             [
                 tf.keras.layers.InputLayer(shape=self.image_shape),  # Keras 3 calls input_shape shape
                 tf.keras.layers.Conv2D(
-                    filters=narrow, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
+                    filters=filters or 32, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Conv2D(
-                    filters=wide, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
+                    filters=filters or 64, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Flatten(dtype=hidden),
                 # No activation
                 tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
@@ -74,10 +74,10 @@ class CVAE(tf.keras.Model):
                                       dtype="float32"),
                 tf.keras.layers.Reshape(target_shape=(height//4, width//4, 32), dtype=hidden),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=wide, kernel_size=3, strides=2, padding='same',
+                    filters=filters or 64, kernel_size=3, strides=2, padding='same',
                     activation='relu', dtype=hidden),
                 tf.keras.layers.Conv2DTranspose(
-                    filters=narrow, kernel_size=3, strides=2, padding='same',
+                    filters=filters or 32, kernel_size=3, strides=2, padding='same',
                     activation='relu', dtype=hidden),
                 # No activation
                 tf.keras.layers.Conv2DTranspose(

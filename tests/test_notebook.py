@@ -41,6 +41,8 @@ def test_the_notebook_is_the_scripts_cells_without_outputs():
     assert committed.metadata.kernelspec.name == "python3"
     [parameters] = [cell for cell in committed.cells if "parameters" in cell.metadata.get("tags", [])]
     assert {"epochs = 10", "train_size = 60000", "test_size = 10000"} <= set(parameters.source.splitlines())
+    assert {"filters = None", 'dataset = "mnist"'} <= {line.split("  #")[0] for line in
+                                                      parameters.source.splitlines()}
 
 
 def test_the_notebook_imports_only_what_colab_has():
@@ -63,9 +65,10 @@ def notebook_definitions() -> dict:
     return namespace
 
 
-def test_the_notebooks_model_and_loss_are_network_pys():
+@pytest.mark.parametrize("filters", [None, 8])  # the tutorial's, and its "Next steps"
+def test_the_notebooks_model_and_loss_are_network_pys(filters):
     notebook = notebook_definitions()
-    ours, theirs = network.CVAE(2), notebook["CVAE"](2)
+    ours, theirs = network.CVAE(2, filters=filters), notebook["CVAE"](2, filters)
     assert [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]
     rng = np.random.default_rng(0)
     theirs.set_weights([rng.normal(scale=0.1, size=w.shape) for w in theirs.weights])
