@@ -39,9 +39,10 @@ import pictures
 IW_SAMPLES = 100
 IWAE_IMAGES = 32  # test images a batch of the IWAE bound: what a stopped evaluation keeps
 KEPT_FILE = ".evaluation-kept.npz"  # in the run folder, until the evaluation is complete
-# Decoded images per call of the IWAE bound: the K draws of a batch are taken in chunks,
-# so memory stays bounded (a few hundred MB) whatever K is.
+# Decoded images per call of the IWAE bound for the tutorial's decoder: the K draws of a
+# batch are taken in chunks, so memory stays bounded (a few hundred MB) whatever K is.
 DECODES_PER_CALL = 4096
+TUTORIALS_LARGEST_ACTIVATION = 28 * 28 * 32  # floats per decode, at the decoder's widest layer
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -108,13 +109,21 @@ def noise(seed: int, batch: int, purpose: int, shape: Sequence[int]) -> tf.Tenso
     return tf.random.stateless_normal(shape, seed=seed)
 
 
+def decodes_per_call(model: network.CVAE) -> int:
+    """DECODES_PER_CALL, made smaller for a decoder whose widest layer is larger than the
+    tutorial's (--filters, larger images), so that a call's memory stays the same."""
+    largest = max(int(np.prod(layer.output.shape[1:])) for layer in model.decoder.layers)
+    widest = max(largest, TUTORIALS_LARGEST_ACTIVATION)
+    return max(1, DECODES_PER_CALL * TUTORIALS_LARGEST_ACTIVATION // widest)
+
+
 def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
     """log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) from the noise eps (batch, K,
     latent), per image: a lower bound on log p(x) that tightens as K grows, and the
     single-sample ELBO when K = 1. The K draws go in chunks, combined by a running
     log-sum-exp, so memory is bounded for any K and the sum never leaves log space."""
     k = eps.shape[1]
-    chunk = max(1, min(k, DECODES_PER_CALL // len(x)))
+    chunk = max(1, min(k, decodes_per_call(model) // len(x)))
     total = tf.fill([len(x)], -np.inf)
     for start in range(0, k, chunk):
         chunk_sum = log_sum_weights(network.compute_loss, model, x, eps[:, start:start + chunk])

@@ -60,6 +60,11 @@ def test_iwae_chunks_change_nothing_but_memory(model, images, monkeypatch):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)  # the same draws; the sums' rounding
 
 
+def test_a_bigger_decoder_decodes_fewer_images_a_call():
+    assert evaluate.decodes_per_call(network.CVAE(2)) == evaluate.DECODES_PER_CALL
+    assert evaluate.decodes_per_call(network.CVAE(2, filters=512)) == evaluate.DECODES_PER_CALL // 16
+
+
 def test_iwae_is_finite_for_extreme_logits_and_large_k(images):
     tf.keras.utils.set_random_seed(6)
     extreme = network.CVAE(2)
