@@ -35,7 +35,7 @@ KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.da
                   "cifar10": tf.keras.datasets.cifar10}
 TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 CLASS_NAMES = {  # what the labels 0..9 mean, for the pictures
-    "mnist": tuple("0123456789"),
+    "mnist": pictures.DIGITS,
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -90,9 +90,10 @@ def load_mnist(
                 )
             images, labels = images[:size], labels[:size]
         splits.append((images, labels.astype(np.uint8)))
-    if image_shape(splits[0][0]) != image_shape(splits[1][0]):
-        raise UserError(f"{source}: train images are {image_shape(splits[0][0])}, test images "
-                        f"{image_shape(splits[1][0])}: both splits need one shape")
+    train_shape, test_shape = (image_shape(images) for images, _ in splits)
+    if train_shape != test_shape:
+        raise UserError(f"{source}: train images are {train_shape}, test images {test_shape}: "
+                        f"both splits need one shape")
     return splits[0], splits[1]
 
 
@@ -126,8 +127,8 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
     if images.ndim not in (3, 4):
         raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
                         f"(N, H, W, C)")
-    if network.image_shape_problem(image_shape(images)):
-        raise UserError(f"{where}: {network.image_shape_problem(image_shape(images))}")
+    if problem := network.image_shape_problem(image_shape(images)):
+        raise UserError(f"{where}: {problem}")
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")
     if len(images) == 0:
@@ -149,19 +150,24 @@ def image_shape(images: np.ndarray) -> tuple[int, int, int]:
     return (*images.shape[1:3], images.shape[3] if images.ndim == 4 else 1)
 
 
+def with_channels(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H, W, 1); (N, H, W, C) as it is."""
+    return images.reshape(len(images), *image_shape(images))
+
+
 def binarize(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1): 1.0 where pixel / 255 > 0.5, else 0.0.
 
     The tutorial's static binarization, compared in uint8 (pixel > 127.5) to skip
     its float64 copy of the whole set. Colour images (N, H, W, C) keep their shape.
     """
-    return (images.reshape(len(images), *image_shape(images)) > 127.5).astype(np.float32)
+    return (with_channels(images) > 127.5).astype(np.float32)
 
 
 def scale_8bit(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W[, C]) -> float32 (N, H, W, C), pixel / 255: the 256 levels the
     discretized logistic models."""
-    return images.reshape(len(images), *image_shape(images)).astype(np.float32) / 255.
+    return with_channels(images).astype(np.float32) / 255.
 
 
 def preprocess(images: np.ndarray, likelihood: str) -> np.ndarray:
@@ -197,7 +203,7 @@ def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dat
 
 
 def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, title: str,
-                 names: Sequence[str] = CLASS_NAMES["mnist"], columns: int = 8) -> None:
+                 names: Sequence[str] = pictures.DIGITS, columns: int = 8) -> None:
     """A grid of images as the model sees them, each titled with its class."""
     figure = Figure(figsize=(columns * 1.1, -(-len(images) // columns) * 1.3))
     pictures.image_grid(figure, images, columns, [names[label] for label in labels])

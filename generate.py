@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise cli.UserError(f"{path} is a folder; give --out a file name")
     model = network.load_model(args.out_dir)
     z, titles, about = latent_points(args, model.latent_dim)
-    probabilities = model.sample(tf.constant(z)).numpy()  # decode, then sigmoid
+    probabilities = model.sample(tf.constant(z)).numpy()  # what pictures show
 
     files.ensure_out_dir(out.parent, flag="--out's folder")
     columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows

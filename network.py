@@ -133,8 +133,9 @@ def discretized_logistic_log_prob(x: tf.Tensor, outputs: tf.Tensor, levels: int 
     mean, log_scale = tf.split(outputs, 2, axis=-1)
     log_scale = tf.maximum(log_scale, -7.)  # a floor on the scale, as PixelCNN++
     half_bin = 0.5 / (levels - 1)
-    upper = (x + half_bin - mean) * tf.exp(-log_scale)
-    lower = (x - half_bin - mean) * tf.exp(-log_scale)
+    inverse_scale = tf.exp(-log_scale)
+    upper = (x + half_bin - mean) * inverse_scale
+    lower = (x - half_bin - mean) * inverse_scale
     log_cdf_upper = tf.math.log_sigmoid(upper)  # P(X < x + half_bin): the first bin's mass
     log_sf_lower = tf.math.log_sigmoid(-lower)  # P(X > x - half_bin): the last bin's mass
     # Any other bin: log(sigmoid(upper) - sigmoid(lower)), taken in the tail the bin lies in
@@ -264,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"filters {model.filters or '32, 64 (the tutorial)'}, images {model.image_shape}, "
               f"likelihood {model.likelihood}")
     else:
-        model = CVAE(args.latent_dim, filters=args.filters, likelihood=args.likelihood or "bernoulli")
+        likelihood = args.likelihood or default_likelihood(IMAGE_SHAPE[2])
+        model = CVAE(args.latent_dim, filters=args.filters, likelihood=likelihood)
     model.encoder.summary()
     model.decoder.summary()
     encoder_params, decoder_params = count_params(model.encoder), count_params(model.decoder)

@@ -64,3 +64,8 @@ def test_the_japanese_readme_keeps_in_step():
     assert [line.count("#") for line in english.splitlines() if line.startswith("#")] == \
         [line.count("#") for line in japanese.splitlines() if line.startswith("#")]
     assert sorted(COMMANDS["README.md"]) == sorted(COMMANDS["README.ja.md"])
+
+
+def test_the_readme_stays_a_newcomers_page():
+    """README.md is at most 320 lines: the depth goes to docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 320
