@@ -37,7 +37,7 @@ train_size = 60000
 batch_size = 32
 test_size = 10000
 filters = None  # "Next steps": e.g. 512 in every convolution but the last (None: 32, 64)
-dataset = "mnist"  # or "fashion_mnist"
+dataset = "mnist"  # or "fashion_mnist"; colour (CIFAR-10): python train.py --dataset cifar10
 
 # %% [markdown]
 # ## Load the MNIST dataset
