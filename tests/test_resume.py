@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -229,6 +230,8 @@ BAD_INPUT = {
     "resume with fewer epochs than done": (["--resume", "--epochs", "2"], "has done 3 epochs"),
     "resume with a damaged config": (lambda tmp, run: (run / "config.json").write_text(
         '{"epochs": 3}') and ["--resume"], "config.json is damaged"),
+    "resume with a damaged image_shape": (lambda tmp, run: edit_config(run, image_shape=[28, 28])
+                                          or ["--resume"], "image_shape [28, 28] is not"),
     "resume with another precision": (["--resume", "--precision", "bf16"],
                                       "--precision bf16 contradicts the run"),
     "unknown precision": (["--overwrite", "--precision", "fp16"], "argument --precision"),
@@ -241,6 +244,12 @@ BAD_INPUT = {
     "resume with every checkpoint damaged": (lambda tmp, run: damage_every_checkpoint(run) or [
         "--resume", "--epochs", "5"], "no intact checkpoint"),
 }
+
+
+def edit_config(run: Path, **settings) -> None:
+    """Overwrite settings in a run's config.json, as a hand edit would."""
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **settings}))
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
