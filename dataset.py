@@ -45,14 +45,16 @@ CLASS_NAMES = {  # what the labels 0..9 mean, for the pictures
 Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, H, W) or (N, H, W, C), labels uint8 (N,))
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data and --dataset: where the data comes from."""
+def add_data_flags(parser: argparse.ArgumentParser, datasets: Sequence[str] = tuple(KERAS_DATASETS),
+                   pictures: bool = True) -> None:
+    """--data and --dataset: where the data comes from (`datasets`: which downloads it may name;
+    `pictures`: whether the script draws pictures that the class names label)."""
     parser.add_argument("--data", default=None,
                         help=f"Keras .npz or folder of MNIST IDX files (default: ${DATA_ENV_VAR}, "
                              f"else the Keras download)")
-    parser.add_argument("--dataset", choices=tuple(KERAS_DATASETS), default="mnist",
-                        help="which Keras download to use when no --data is given, and whose "
-                             "class names label the pictures")
+    parser.add_argument("--dataset", choices=datasets, default="mnist",
+                        help="which Keras download to use when no --data is given"
+                             + (", and whose class names label the pictures" if pictures else ""))
 
 
 # ----------------------------------------------------------------------------

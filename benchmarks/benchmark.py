@@ -64,7 +64,7 @@ MATMUL_SIZE = 2048
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Time training and evaluation against the "
                                             "tutorial's recipe; print a table, write JSON.")
-    dataset.add_data_flags(parser)
+    dataset.add_data_flags(parser, variants.DATASETS, pictures=False)
     parser.add_argument("--train-size", type=cli.positive_int, default=None,
                         help="images in a timed epoch (default: all 60,000)")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
@@ -179,9 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = dataset.data_source(args.data)
     # Checked here, before any process starts.
     (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size, name=args.dataset)
-    if len(train_images) < args.batch_size:
-        raise cli.UserError(f"--train-size {args.train_size}: an epoch needs at least "
-                            f"{args.batch_size} images (--batch-size)")
+    variants.check_training_images(train_images, data or args.dataset, args.train_size, args.batch_size)
 
     # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:
     # from a process's launch to the end of the first step train.py would take.

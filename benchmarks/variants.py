@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -26,8 +26,22 @@ SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
             "fp32": ("fp32", steps.STEPS_PER_CALL, None),
             "bf16": ("bf16", steps.STEPS_PER_CALL, None)}
 VARIANTS = tuple(SETTINGS)
+DATASETS = ("mnist", "fashion_mnist")  # the 28x28 grey images the tutorial's network takes
 # The IWAE row: evaluate.py's bound on IWAE_IMAGES test images, IWAE_SAMPLES draws each.
 IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
+
+
+
+
+def check_training_images(images: np.ndarray, source: str, train_size: int | None, batch_size: int) -> None:
+    """Refuse, in one line, images the variants cannot time: not the tutorial's shape, or
+    fewer than a batch."""
+    if (shape := dataset.image_shape(images)) != network.IMAGE_SHAPE:
+        raise cli.UserError(f"{source}: images of {shape}; the benchmark times the tutorial's "
+                            f"network, on images of {network.IMAGE_SHAPE}")
+    if len(images) < batch_size:
+        raise cli.UserError(f"--train-size {train_size}: an epoch needs at least "
+                            f"{batch_size} images (--batch-size)")
 
 
 # ----------------------------------------------------------------------------

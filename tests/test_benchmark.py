@@ -7,6 +7,7 @@ import sys
 
 from machinery import cli, distribute, hardware
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT, run_script, stderr_lines
@@ -77,3 +78,11 @@ def test_an_unknown_variant_is_one_line(tmp_path, tiny_npz):
 def test_a_variant_whose_process_dies_is_one_error_not_a_hang(tmp_path):
     with pytest.raises(cli.ScriptError, match="fp32 variant's process stopped"):
         benchmark.Worker("fp32", str(tmp_path / "missing.npz"), None)  # it cannot load its data
+
+
+def test_images_the_tutorials_network_cannot_take_are_one_line(tmp_path):
+    colour = tmp_path / "colour.npz"
+    images, labels = np.zeros((64, 32, 32, 3), np.uint8), np.zeros((64, 1), np.uint8)
+    np.savez(colour, x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(cli.UserError, match=r"images of \(32, 32, 3\); the benchmark times"):
+        benchmark.main(["--data", str(colour), "--out-dir", str(tmp_path / "bench")])
