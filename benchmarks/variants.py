@@ -31,8 +31,6 @@ DATASETS = ("mnist", "fashion_mnist")  # the 28x28 grey images the tutorial's ne
 IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
 
 
-
-
 def check_training_images(images: np.ndarray, source: str, train_size: int | None, batch_size: int) -> None:
     """Refuse, in one line, images the variants cannot time: not the tutorial's shape, or
     fewer than a batch."""

@@ -111,10 +111,10 @@ def load_config(out_dir: Path) -> dict:
         if config[key] not in known:
             raise cli.UserError(f"{path} is damaged: unknown {key} {config[key]!r}")
     shape = config["image_shape"]
-    if (len(shape) != 3 or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
-                                   for side in shape) or network.image_shape_problem(shape)):
-        raise cli.UserError(f"{path} is damaged: image_shape {shape!r} is not (height, width, "
-                            f"channels) of images the CVAE takes")
+    if len(shape) != 3 or not all(isinstance(side, int) and not isinstance(side, bool) for side in shape):
+        raise cli.UserError(f"{path} is damaged: image_shape {shape!r} is not (height, width, channels)")
+    if problem := network.image_shape_problem(shape):
+        raise cli.UserError(f"{path} is damaged: image_shape {shape!r}: {problem}")
     return config
 
 

@@ -231,7 +231,10 @@ BAD_INPUT = {
     "resume with a damaged config": (lambda tmp, run: (run / "config.json").write_text(
         '{"epochs": 3}') and ["--resume"], "config.json is damaged"),
     "resume with a damaged image_shape": (lambda tmp, run: edit_config(run, image_shape=[28, 28])
-                                          or ["--resume"], "image_shape [28, 28] is not"),
+                                          or ["--resume"], "image_shape [28, 28] is not (height"),
+    "resume with an image_shape the CVAE cannot take": (
+        lambda tmp, run: edit_config(run, image_shape=[28, 30, 1]) or ["--resume"],
+        "image_shape [28, 30, 1]: images of 28x30 pixels"),
     "resume with another precision": (["--resume", "--precision", "bf16"],
                                       "--precision bf16 contradicts the run"),
     "unknown precision": (["--overwrite", "--precision", "fp16"], "argument --precision"),
