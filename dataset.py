@@ -249,9 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\nImages per class:")
     print(f"  {'class':12s}" + "".join(f"{name:>8s}" for name in splits))
     counts = {name: np.bincount(labels, minlength=NUM_CLASSES) for name, (_, labels) in splits.items()}
+    numbered = names != pictures.DIGITS  # MNIST's class names are its labels: once is enough
     for label in range(NUM_CLASSES):
-        name = names[label] if names[label] != str(label) else ""  # MNIST's names are its labels
-        print(f"  {label} {name:10s}" + "".join(f"{counts[split][label]:8d}" for split in splits))
+        row = f"{label} {names[label]}" if numbered else names[label]
+        print(f"  {row:12s}" + "".join(f"{counts[split][label]:8d}" for split in splits))
     print(f"  {'total':12s}" + "".join(f"{len(labels):8d}" for _, labels in splits.values()))
 
     print(f"\nBatches per epoch at batch size {args.batch_size}: " + ", ".join(
