@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, files, resumable, run_folder, steps
+from machinery import cli, distribute, files, resumable, run_folder, speed, steps
 
 import numpy as np
 import tensorflow as tf
@@ -89,18 +89,17 @@ def elbo_parts(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor, ep
 
 
 @tf.function
-def log_sum_weights(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
-                    eps: tf.Tensor) -> tf.Tensor:
-    """log of the sum over k of the importance weights p(x, z_k) / q(z_k|x) of each image
-    of `x`, the draws z_k from the noise eps (batch, k, latent): (batch,). Each log-weight
-    is minus compute_loss of the image and z_k; the encoder's ops do not depend on z_k, so
-    tf.vectorized_map runs them once per image, not k times."""
-    def log_weights(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+def log_weights(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
+                eps: tf.Tensor) -> tf.Tensor:
+    """The log importance weights log p(x, z_k) / q(z_k|x) of each image of `x` and draw z_k
+    (noise eps: batch, k, latent): (batch, k). Each is minus compute_loss of the image and
+    z_k; the encoder's ops do not depend on z_k, so tf.vectorized_map runs them once per
+    image, not k times."""
+    def of_one_image(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         image, noise = pair
         return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None]), noise,
                                   fallback_to_while_loop=False)
-    return tf.reduce_logsumexp(tf.vectorized_map(log_weights, (x, eps), fallback_to_while_loop=False),
-                               axis=1)
+    return tf.vectorized_map(of_one_image, (x, eps), fallback_to_while_loop=False)
 
 
 def noise(seed: int, batch: int, purpose: int, shape: Sequence[int]) -> tf.Tensor:
@@ -123,12 +122,15 @@ def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
     single-sample ELBO when K = 1. The K draws go in chunks, combined by a running
     log-sum-exp, so memory is bounded for any K and the sum never leaves log space."""
     k = eps.shape[1]
-    chunk = max(1, min(k, decodes_per_call(model) // len(x)))
-    total = tf.fill([len(x)], -np.inf)
+    chunks = math.ceil(k / max(1, decodes_per_call(model) // len(x)))
+    chunk = math.ceil(k / chunks)  # all chunks alike: one trace of log_weights
+    total = tf.fill([len(x), 1], -np.inf)
     for start in range(0, k, chunk):
-        chunk_sum = log_sum_weights(network.compute_loss, model, x, eps[:, start:start + chunk])
-        total = tf.reduce_logsumexp(tf.stack([total, chunk_sum]), axis=0)
-    return (total - math.log(k)).numpy()
+        draws = eps[:, start:start + chunk]
+        padded = tf.pad(draws, [[0, 0], [0, chunk - draws.shape[1]], [0, 0]])  # the last chunk
+        weights = log_weights(network.compute_loss, model, x, padded)[:, :draws.shape[1]]
+        total = tf.reduce_logsumexp(tf.concat([total, weights], axis=1), axis=1, keepdims=True)
+    return (total[:, 0] - math.log(k)).numpy()
 
 
 def mean_and_stderr(values: np.ndarray) -> dict:
@@ -169,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
+    speed.use_fast_kernels(model)  # same variables, same maths: see machinery/speed.py
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]

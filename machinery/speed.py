@@ -6,7 +6,7 @@ docs/speed.md measures them.
   (Keras' CPU kernel sums bfloat16 in bfloat16 and stalls); and the logits layer (stride 1,
   to one channel) as a depthwise convolution, on CPUs with AVX-512, where it is faster than
   the transposed one (with AVX2 alone it is slower). The layers keep their variables: only
-  how they compute changes.
+  how they compute changes. tf.vectorized_map (evaluate.py) takes the depthwise kernel too.
 - setup_shards: one core an op, several ops at once, for a batch cut into shards
   (machinery/steps.py), instead of TensorFlow's default threads.
 """
@@ -90,10 +90,41 @@ def _faster_class(layer: tf.keras.layers.Layer, depthwise_logits: bool) -> type 
     return None
 
 
+def _vectorize_shared_depthwise_kernels() -> bool:
+    """Teach tf.vectorized_map the depthwise convolution of a kernel the same in every
+    iteration: TensorFlow's own rule takes only a kernel that varies, and fails on ours.
+    Ours folds the loop into the batch, as TensorFlow does for Conv2D. Returns whether
+    vectorized_map can take DepthwiseLogits (False where TensorFlow's rules moved)."""
+    try:
+        from tensorflow.python.ops.parallel_for import pfor
+        rules, its_rule = pfor._pfor_converter_registry, "DepthwiseConv2dNative"
+        tensorflows_rule, create_op, wrap = rules[its_rule], pfor._create_op, pfor.wrap
+    except (ImportError, AttributeError, KeyError):
+        return False
+    if getattr(tensorflows_rule, "shares_kernels", False):
+        return True
+
+    def rule(pfor_input):
+        if pfor_input.inputs[1].is_stacked:  # a kernel per iteration: TensorFlow's rule
+            return tensorflows_rule(pfor_input)
+        images = pfor_input.stacked_input(0)  # (iterations, batch, ...): to (iterations * batch, ...)
+        shape = tf.shape(images)
+        outputs = create_op(its_rule, [tf.reshape(images, tf.concat([[-1], shape[2:]], 0)),
+                                       pfor_input.unstacked_input(1)],
+                            [output.dtype for output in pfor_input.outputs],
+                            attrs=pfor_input.op.node_def.attr).outputs[0]
+        return wrap(tf.reshape(outputs, tf.concat([shape[:2], tf.shape(outputs)[1:]], 0)), True)
+    rule.shares_kernels = True
+    rules[its_rule] = rule
+    return True
+
+
 def depthwise_logits_pay() -> bool:
     """Whether the depthwise logits kernel is the faster one here: on a CPU with AVX-512
-    (measured in docs/speed.md), not with AVX2 alone nor on a GPU."""
-    return not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
+    (measured in docs/speed.md), not with AVX2 alone nor on a GPU; and where
+    tf.vectorized_map can take it."""
+    return (not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
+            and _vectorize_shared_depthwise_kernels())
 
 
 def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None = None) -> list[str]:
@@ -102,6 +133,8 @@ def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None
     (None: where it pays, depthwise_logits_pay). Returns the names of the layers swapped."""
     if depthwise_logits is None:
         depthwise_logits = depthwise_logits_pay()
+    elif depthwise_logits:
+        _vectorize_shared_depthwise_kernels()
     swapped = []
     for layer in getattr(model, "layers", []):
         faster = _faster_class(layer, depthwise_logits)

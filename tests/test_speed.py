@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT
 
+import evaluate
 import network
 import train
 
@@ -70,6 +71,33 @@ def test_the_cvaes_fast_kernels_keep_its_variables_and_outputs():
         assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
         np.testing.assert_allclose(network.compute_loss(model, x, eps), loss, rtol=1e-5 if precision == "fp32"
                                    else 1e-3)
+
+
+def test_vectorized_map_takes_the_depthwise_logits():
+    """evaluate.py runs compute_loss in tf.vectorized_map, whose own rule for a depthwise
+    convolution fails on a kernel shared by every iteration; a kernel per iteration still
+    goes to TensorFlow's rule."""
+    keras, ours = (keras_model(tf.keras.layers.Conv2DTranspose(1, 3, padding="same")) for _ in range(2))
+    ours.set_weights(keras.get_weights())
+    speed.use_fast_kernels(ours, depthwise_logits=True)
+    x = tf.random.stateless_normal((5, 2, 28, 28, 32), seed=(4, 4))
+    np.testing.assert_allclose(tf.vectorized_map(ours, x, fallback_to_while_loop=False),
+                               tf.stack([keras(images) for images in x]), rtol=1e-4, atol=1e-5)
+    kernels = tf.random.stateless_normal((5, 3, 3, 32, 1), seed=(5, 5))
+    convolve = lambda pair: tf.nn.depthwise_conv2d(pair[0], pair[1], [1, 1, 1, 1], "SAME")  # noqa: E731
+    np.testing.assert_allclose(tf.vectorized_map(convolve, (x, kernels), fallback_to_while_loop=False),
+                               tf.stack([convolve(pair) for pair in zip(x, kernels)]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_iwae_bound_with_the_fast_kernels_is_keras():
+    tf.keras.utils.set_random_seed(4)
+    keras, ours = network.CVAE(2), network.CVAE(2)
+    ours.set_weights(keras.get_weights())
+    assert speed.use_fast_kernels(ours, depthwise_logits=True) == [ours.decoder.layers[-1].name]
+    x = tf.constant((np.random.default_rng(4).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
+    eps = evaluate.noise(4, 0, 1, (8, 20, 2))
+    np.testing.assert_allclose(evaluate.iwae_bound(ours, x, eps), evaluate.iwae_bound(keras, x, eps),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("sets, gpu, swapped", [(["AVX2", "AVX-512"], False, True),
