@@ -37,8 +37,9 @@ class BatchResults:
                                         if name.startswith("batch_")}
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 pass  # not a file this could have written whole: the work starts afresh
-        self.total, self.started, self.last_line = total, time.monotonic(), time.monotonic()
-        self.bar = tf.keras.utils.Progbar(total, unit_name="image") if sys.stdout.isatty() else None
+        self.total, self.kept_work = total, 0
+        self.started = self.last_line = time.monotonic()
+        self.bar: tf.keras.utils.Progbar | None = None
 
     @property
     def resumed(self) -> int:
@@ -47,18 +48,28 @@ class BatchResults:
 
     def batch(self, index: int, compute: Callable[[], np.ndarray], done: int) -> None:
         """Batch `index`'s results: kept from before, or computed now and kept at once.
-        `done`: the work done once this batch is, for the bar."""
-        if index not in self.results:
-            self.results[index] = np.asarray(compute())
-            if self.path is not None:
-                with files.atomic_path(self.path) as tmp:
-                    np.savez(tmp, key=np.array(self.key),
-                             **{f"batch_{i}": values for i, values in self.results.items()})
-        if self.bar is not None:
-            self.bar.update(done)
+        `done`: the work done once this batch is, for the bar. The kept batches come first
+        (batches finish in order), so the ETA counts only the work done after them."""
+        if index in self.results:
+            self.kept_work, self.started = done, time.monotonic()
+            return
+        self.results[index] = np.asarray(compute())
+        if self.path is not None:
+            with files.atomic_path(self.path) as tmp:
+                np.savez(tmp, key=np.array(self.key),
+                         **{f"batch_{i}": values for i, values in self.results.items()})
+        self.show_progress(done)
+
+    def show_progress(self, done: int) -> None:
+        """On a terminal Keras' Progbar over the work left after the kept batches; in a log a
+        line every PROGRESS_SECONDS with the whole work's count."""
+        if sys.stdout.isatty():
+            if self.bar is None:
+                self.bar = tf.keras.utils.Progbar(self.total - self.kept_work, unit_name="image")
+            self.bar.update(done - self.kept_work)
         elif time.monotonic() - self.last_line >= PROGRESS_SECONDS or done == self.total:
             self.last_line, seconds = time.monotonic(), time.monotonic() - self.started
-            eta = seconds / done * (self.total - done) if done else 0.0
+            eta = seconds / (done - self.kept_work) * (self.total - done)
             print(f"{done:,}/{self.total:,} images, {seconds:.0f} s, ETA {eta:.0f} s", flush=True)
 
     def all(self) -> np.ndarray:

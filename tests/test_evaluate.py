@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
+import types
+
+from machinery import resumable
 
 import imageio.v3 as iio
 import numpy as np
@@ -174,6 +178,32 @@ def test_tensorboard_logs_hold_the_expected_tags(trained_run):
     assert tags["samples"] == {0, 1, 2}
     assert tags["epoch/seconds"] == {1, 2}
     assert tags["train/loss"] == {8, 16}  # the last step of each 8-step epoch
+
+
+def test_a_resumed_evaluations_eta_counts_only_the_work_it_does(tmp_path, monkeypatch, capsys):
+    """Going on after two kept batches of four images, a batch that takes 10 s leaves one
+    to do: ETA 10 s, not the 3 s of the kept work counted as done in no time; a terminal's
+    bar counts the work left."""
+    now = [0.0]
+    monkeypatch.setattr(resumable, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(resumable, "PROGRESS_SECONDS", 0.0)
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda terminal=terminal: terminal)
+        kept = tmp_path / f"kept-{terminal}.npz"
+        first = resumable.BatchResults(kept, {"a": 1}, 16)
+        for i in range(2):  # then stopped
+            now[0] += 10
+            first.batch(i, lambda: np.zeros(4), 4 * (i + 1))
+        capsys.readouterr()
+        again = resumable.BatchResults(kept, {"a": 1}, 16)
+        assert again.resumed == 2
+        for i in range(3):
+            now[0] += 10 if i == 2 else 0
+            again.batch(i, lambda: np.zeros(4), 4 * (i + 1))
+        if terminal:
+            assert (again.bar.target, again.bar._seen_so_far) == (8, 4)
+        else:
+            assert capsys.readouterr().out == "12/16 images, 10 s, ETA 10 s\n"
 
 
 def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys, monkeypatch):
