@@ -93,7 +93,7 @@ class Variant:
         self.optimizer.build(self.model.trainable_variables)
         self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
         self.plain_model.set_weights(self.model.get_weights())
-        speed.use_fast_kernels(self.plain_model)  # as evaluate.py does
+        speed.use_fast_kernels(self.plain_model, vectorized=True)  # as evaluate.py does
         self.iwae_images = tf.constant(test_images[:IWAE_IMAGES])
         self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), IWAE_SAMPLES, train.LATENT_DIM))
         if name == "tutorial":  # Keras' own kernels

@@ -53,6 +53,8 @@ class BatchResults:
         if index in self.results:
             self.kept_work, self.started = done, time.monotonic()
             return
+        if sys.stdout.isatty() and self.bar is None:  # its clock starts now, before this batch
+            self.bar = tf.keras.utils.Progbar(self.total - self.kept_work, unit_name="image")
         self.results[index] = np.asarray(compute())
         if self.path is not None:
             with files.atomic_path(self.path) as tmp:
@@ -63,9 +65,7 @@ class BatchResults:
     def show_progress(self, done: int) -> None:
         """On a terminal Keras' Progbar over the work left after the kept batches; in a log a
         line every PROGRESS_SECONDS with the whole work's count."""
-        if sys.stdout.isatty():
-            if self.bar is None:
-                self.bar = tf.keras.utils.Progbar(self.total - self.kept_work, unit_name="image")
+        if self.bar is not None:
             self.bar.update(done - self.kept_work)
         elif time.monotonic() - self.last_line >= PROGRESS_SECONDS or done == self.total:
             self.last_line, seconds = time.monotonic(), time.monotonic() - self.started

@@ -121,20 +121,20 @@ def _vectorize_shared_depthwise_kernels() -> bool:
 
 def depthwise_logits_pay() -> bool:
     """Whether the depthwise logits kernel is the faster one here: on a CPU with AVX-512
-    (measured in docs/speed.md), not with AVX2 alone nor on a GPU; and where
-    tf.vectorized_map can take it."""
-    return (not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
-            and _vectorize_shared_depthwise_kernels())
+    (measured in docs/speed.md), not with AVX2 alone nor on a GPU."""
+    return not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
 
 
-def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None = None) -> list[str]:
+def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None = None,
+                     vectorized: bool = False) -> list[str]:
     """Swap the faster class into each of the model's layers (nested too) that has one:
     same variables, same maths. `depthwise_logits`: whether the logits layer is swapped
-    (None: where it pays, depthwise_logits_pay). Returns the names of the layers swapped."""
+    (None: where it pays, depthwise_logits_pay); with `vectorized` (a model run inside
+    tf.vectorized_map) only where vectorized_map can take it. Returns the names swapped."""
     if depthwise_logits is None:
         depthwise_logits = depthwise_logits_pay()
-    elif depthwise_logits:
-        _vectorize_shared_depthwise_kernels()
+    if depthwise_logits and vectorized:
+        depthwise_logits = _vectorize_shared_depthwise_kernels()
     swapped = []
     for layer in getattr(model, "layers", []):
         faster = _faster_class(layer, depthwise_logits)

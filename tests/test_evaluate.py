@@ -183,7 +183,7 @@ def test_tensorboard_logs_hold_the_expected_tags(trained_run):
 def test_a_resumed_evaluations_eta_counts_only_the_work_it_does(tmp_path, monkeypatch, capsys):
     """Going on after two kept batches of four images, a batch that takes 10 s leaves one
     to do: ETA 10 s, not the 3 s of the kept work counted as done in no time; a terminal's
-    bar counts the work left."""
+    bar counts the work left, from before its first batch."""
     now = [0.0]
     monkeypatch.setattr(resumable, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(resumable, "PROGRESS_SECONDS", 0.0)
@@ -197,10 +197,17 @@ def test_a_resumed_evaluations_eta_counts_only_the_work_it_does(tmp_path, monkey
         capsys.readouterr()
         again = resumable.BatchResults(kept, {"a": 1}, 16)
         assert again.resumed == 2
+        bar_before_the_batch = []
+
+        def compute(results=again, seen=bar_before_the_batch) -> np.ndarray:
+            seen.append(results.bar is not None)
+            return np.zeros(4)
+
         for i in range(3):
             now[0] += 10 if i == 2 else 0
-            again.batch(i, lambda: np.zeros(4), 4 * (i + 1))
-        if terminal:
+            again.batch(i, compute, 4 * (i + 1))
+        if terminal:  # the bar's clock (Keras' own) starts before the batch it times
+            assert bar_before_the_batch == [True]
             assert (again.bar.target, again.bar._seen_so_far) == (8, 4)
         else:
             assert capsys.readouterr().out == "12/16 images, 10 s, ETA 10 s\n"

@@ -79,7 +79,7 @@ def test_vectorized_map_takes_the_depthwise_logits():
     goes to TensorFlow's rule."""
     keras, ours = (keras_model(tf.keras.layers.Conv2DTranspose(1, 3, padding="same")) for _ in range(2))
     ours.set_weights(keras.get_weights())
-    speed.use_fast_kernels(ours, depthwise_logits=True)
+    assert speed.use_fast_kernels(ours, depthwise_logits=True, vectorized=True) == [ours.layers[0].name]
     x = tf.random.stateless_normal((5, 2, 28, 28, 32), seed=(4, 4))
     np.testing.assert_allclose(tf.vectorized_map(ours, x, fallback_to_while_loop=False),
                                tf.stack([keras(images) for images in x]), rtol=1e-4, atol=1e-5)
@@ -93,7 +93,8 @@ def test_the_iwae_bound_with_the_fast_kernels_is_keras():
     tf.keras.utils.set_random_seed(4)
     keras, ours = network.CVAE(2), network.CVAE(2)
     ours.set_weights(keras.get_weights())
-    assert speed.use_fast_kernels(ours, depthwise_logits=True) == [ours.decoder.layers[-1].name]
+    assert speed.use_fast_kernels(ours, depthwise_logits=True, vectorized=True) == \
+        [ours.decoder.layers[-1].name]
     x = tf.constant((np.random.default_rng(4).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
     eps = evaluate.noise(4, 0, 1, (8, 20, 2))
     np.testing.assert_allclose(evaluate.iwae_bound(ours, x, eps), evaluate.iwae_bound(keras, x, eps),
