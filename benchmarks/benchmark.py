@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train steps per timing of the compiled step")
     parser.add_argument("--batch-size", type=cli.positive_int, default=train.BATCH_SIZE,
                         help="the batch of every variant (the tutorial's is 32)")
+    parser.add_argument("--iw-samples", type=cli.positive_int, default=variants.IWAE_SAMPLES,
+                        help="draws per image in the IWAE row, K (evaluate.py's --iw-samples)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--out-dir", default="output/benchmark",
@@ -109,13 +111,13 @@ def timed(job: Callable[..., object], *arguments: object) -> tuple[float, object
 
 
 def serve(name: str, data: str | None, dataset_name: str, train_size: int | None,
-          batch_size: int, connection: Connection) -> None:
+          batch_size: int, iw_samples: int, connection: Connection) -> None:
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
     shards = speed.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
-    variant = Variant(name, dataset.binarize(train_images), dataset.binarize(test_images), shards,
-                      batch_size)
+    variant = Variant(name, dataset.with_channels(train_images), dataset.with_channels(test_images), shards,
+                      batch_size, iw_samples)
     variant.steps(1)
     connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
                      "import_seconds": IMPORTED - LAUNCHED, "shards": shards,
@@ -133,12 +135,13 @@ class Worker:
     """The parent's end of a variant's process."""
 
     def __init__(self, name: str, data: str | None, train_size: int | None,
-                 dataset_name: str = "mnist", batch_size: int = train.BATCH_SIZE) -> None:
+                 dataset_name: str = "mnist", batch_size: int = train.BATCH_SIZE,
+                 iw_samples: int = variants.IWAE_SAMPLES) -> None:
         self.name = name
         self.connection, child_end = multiprocessing.Pipe()
         # spawn: a fresh interpreter, whose TensorFlow has not started yet
         self.process = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(name, data, dataset_name, train_size, batch_size, child_end),
+            target=serve, args=(name, data, dataset_name, train_size, batch_size, iw_samples, child_end),
             daemon=True)
         self.process.start()
         child_end.close()  # the child's alone now: its end closes when it stops
@@ -183,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:
     # from a process's launch to the end of the first step train.py would take.
-    workers = {name: Worker(name, data, args.train_size, args.dataset, args.batch_size)
+    workers = {name: Worker(name, data, args.train_size, args.dataset, args.batch_size, args.iw_samples)
                for name in names}
     first = workers.get("fp32") or next(iter(workers.values()))
     startup = {key: first.ready[key] for key in ("to_first_step_seconds", "import_seconds")}
@@ -220,9 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     iwae_seconds, decodes_per_call = zip(*(iwae_worker.ask("iwae") for _ in range(args.repeats)))
     decodes = decodes_per_call[0] / float(np.median(iwae_seconds))
     iwae_gflops = decodes * first.ready["flops_per_decode"] / 1e9
-    iwae = {"variant": iwae_worker.name, "images": decodes_per_call[0] // variants.IWAE_SAMPLES,
-            "k": variants.IWAE_SAMPLES,
-            "seconds": list(iwae_seconds),
+    iwae = {"variant": iwae_worker.name, "images": decodes_per_call[0] // args.iw_samples,
+            "k": args.iw_samples, "seconds": list(iwae_seconds),
             "decodes_per_second": decodes, "gflops_per_second": iwae_gflops,
             "fraction_of_fp32_matmul": iwae_gflops / gflops_fp32}
     peaks = {name: worker.stop() for name, worker in workers.items()}

@@ -41,7 +41,8 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     out_dir = tmp_path / "bench"
     names = ["tutorial", "fp32"]  # two variants of the five: each is a process of its own
     result = run_script("benchmarks/benchmark.py", "--data", tiny_npz, "--repeats", "1",
-                        "--steps", "2", "--batch-size", "16", "--variants", ",".join(names),
+                        "--steps", "2", "--batch-size", "16", "--iw-samples", "50",
+                        "--variants", ",".join(names),
                         "--out-dir", out_dir)
     assert result.returncode == 0, stderr_lines(result.stderr)[-20:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
@@ -63,7 +64,9 @@ def test_the_benchmark_prints_its_table_and_writes_json(tmp_path, tiny_npz):
     assert machine["bf16_emulated"] == hardware.bf16_is_emulated()
     iwae = report["iwae"]
     assert iwae["decodes_per_second"] > 0 and 0 < iwae["fraction_of_fp32_matmul"] < 2
-    assert iwae["k"] == variants.IWAE_SAMPLES and "IWAE bound (evaluate.py" in result.stdout
+    assert iwae["k"] == 50 and iwae["images"] == variants.IWAE_IMAGES
+    assert f"IWAE bound (evaluate.py, in tutorial's process), {variants.IWAE_IMAGES} images x K = 50: " \
+        in result.stdout
     assert hardware.describe_cpu() in result.stdout
 
 

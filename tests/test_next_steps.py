@@ -10,7 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_one_line_error, make_mnist_arrays, run_script
+from conftest import assert_one_line_error, make_mnist_arrays, run_main, run_script
 
 import dataset
 import network
@@ -148,7 +148,7 @@ def test_a_colour_run_from_the_data_to_the_pictures(tmp_path):
     assert encoded["mean"].shape == (2, 2)
 
 
-def test_the_8bit_likelihood_trains_on_grey_images(tmp_path, tiny_npz):
+def test_the_8bit_likelihood_trains_on_grey_images(tmp_path, tiny_npz, capsys, monkeypatch):
     out = tmp_path / "run"
     config = train.build_parser().parse_args(["--likelihood", "logistic"])
     assert config.likelihood == "logistic"
@@ -157,21 +157,20 @@ def test_the_8bit_likelihood_trains_on_grey_images(tmp_path, tiny_npz):
     assert trained.returncode == 0, trained.stderr
     model = network.load_model(out)
     assert model.likelihood == "logistic" and model.image_shape == (28, 28, 1)
-    resumed = run_script("train.py", "--out-dir", out, "--resume", "--likelihood", "bernoulli")
-    assert_one_line_error(resumed.stderr, "train.py", "--likelihood bernoulli contradicts", 2,
-                          resumed.returncode)
+    code, stderr = run_main(train.main, ["--out-dir", out, "--resume", "--likelihood", "bernoulli"],
+                            "train.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "train.py", "--likelihood bernoulli contradicts", 2, code)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "2.5", "many"])
-def test_filters_that_are_not_positive_whole_numbers_are_one_line(value):
-    result = run_script("network.py", "--filters", value)
-    assert_one_line_error(result.stderr, "network.py", "--filters", 2, result.returncode)
+def test_filters_that_are_not_positive_whole_numbers_are_one_line(value, capsys, monkeypatch):
+    code, stderr = run_main(network.main, ["--filters", value], "network.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "network.py", "--filters", 2, code)
 
 
-def test_network_py_shows_the_bigger_network():
-    result = run_script("network.py", "--filters", "512")
-    assert result.returncode == 0, result.stderr
-    assert "total 4,955,749" in result.stdout
+def test_network_py_shows_the_bigger_network(capsys):
+    network.main(["--filters", "512"])
+    assert "total 4,955,749" in capsys.readouterr().out
 
 
 def test_filters_train_to_the_first_grid(tmp_path, tiny_npz):

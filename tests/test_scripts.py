@@ -101,7 +101,7 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
                   "--seed", "--data", "--dataset", "--train-size", "--test-size", "--out-dir",
                   "--resume", "--overwrite", "--strategy", "--devices", "--shards"]),
     ("benchmarks/benchmark.py", ["--data", "--dataset", "--train-size", "--repeats", "--steps",
-                                 "--batch-size", "--variants", "--out-dir"]),
+                                 "--batch-size", "--iw-samples", "--variants", "--out-dir"]),
 ])
 def test_help_documents_every_flag_with_its_default(script, flags, help_texts):
     entries = help_entries(help_texts[script])
