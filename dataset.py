@@ -30,6 +30,7 @@ import pictures
 
 NUM_CLASSES = 10
 DATA_ENV_VAR = "CVAE_DATA"
+LEVELS_8BIT = np.arange(256, dtype=np.float32) / 255.  # a pixel's value for the logistic likelihood
 EVAL_BATCH_SIZE = 1000  # test images a batch of the test ELBO (the noise is drawn a batch at a time)
 KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.datasets.fashion_mnist,
                   "cifar10": tf.keras.datasets.cifar10}
@@ -109,7 +110,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of the bytes
     return digest.hexdigest()
 
 
@@ -153,26 +154,31 @@ def image_shape(images: np.ndarray) -> tuple[int, int, int]:
 
 
 def with_channels(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) -> (N, H, W, 1); (N, H, W, C) as it is."""
+    """(N, H, W) -> (N, H, W, 1); (N, H, W, C) as it is (a view: no copy)."""
     return images.reshape(len(images), *image_shape(images))
 
 
-def binarize(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1): 1.0 where pixel / 255 > 0.5, else 0.0.
+def binarize(images: np.ndarray | tf.Tensor) -> tf.Tensor:
+    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C): 1.0 where pixel / 255 > 0.5, else 0.0.
 
-    The tutorial's static binarization, compared in uint8 (pixel > 127.5) to skip
-    its float64 copy of the whole set. Colour images (N, H, W, C) keep their shape.
+    The tutorial's static binarization, compared in uint8 (pixel > 127), a batch at a
+    time: the stored images stay uint8.
     """
-    return (with_channels(images) > 127.5).astype(np.float32)
+    return tf.cast(_with_channel_axis(images) > 127, tf.float32)
 
 
-def scale_8bit(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C), pixel / 255: the 256 levels the
-    discretized logistic models."""
-    return with_channels(images).astype(np.float32) / 255.
+def scale_8bit(images: np.ndarray | tf.Tensor) -> tf.Tensor:
+    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C), pixel / 255: the 256 levels the discretized logistic
+    models, looked up (a compiled x / 255 becomes x * (1 / 255), which rounds differently)."""
+    return tf.gather(LEVELS_8BIT, tf.cast(_with_channel_axis(images), tf.int32))
 
 
-def preprocess(images: np.ndarray, likelihood: str) -> np.ndarray:
+def _with_channel_axis(images: np.ndarray | tf.Tensor) -> tf.Tensor:
+    images = tf.convert_to_tensor(images)
+    return images[..., tf.newaxis] if images.shape.rank == 3 else images
+
+
+def preprocess(images: np.ndarray | tf.Tensor, likelihood: str) -> tf.Tensor:
     """The images as the model takes them: binarized for the Bernoulli, scaled for the logistic."""
     return binarize(images) if likelihood == "bernoulli" else scale_8bit(images)
 
@@ -182,13 +188,6 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     shuffle(train_size), but a function of (seed, epoch) alone, so any epoch
     can be replayed without replaying the ones before it."""
     return np.random.default_rng([seed, epoch]).permutation(num_images)
-
-
-def epoch_images(images: tf.Tensor, seed: int, epoch: int) -> tf.Tensor:
-    """`images` in the order of `epoch`: one permuted copy, whose consecutive slices are
-    that epoch's batches. Pass a tensor made once (tf.constant): the copy is then one
-    fast gather, with no conversion of the whole set from numpy."""
-    return tf.gather(images, epoch_order(len(images), seed, epoch))
 
 
 def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dataset:
@@ -237,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood:"
           if likelihood == "bernoulli" else
           "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood:")
-    prepared = {name: preprocess(images, likelihood) for name, (images, _) in splits.items()}
+    prepared = {name: preprocess(with_channels(images), likelihood).numpy()
+                for name, (images, _) in splits.items()}
     for name, images in prepared.items():
         levels = np.unique(images)
         values = ("{" + ", ".join(f"{v:g}" for v in levels) + "}" if len(levels) <= 4

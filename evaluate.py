@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(np.unique(test_labels)) < 2:
         raise cli.UserError("the interpolation needs test digits of two classes; use a larger "
                             "--test-size")
-    test_images = dataset.preprocess(test_images, config["likelihood"])
+    test_images = dataset.preprocess(test_images, config["likelihood"]).numpy()
 
     print(distribute.describe(tf.distribute.get_strategy()))
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "

@@ -108,15 +108,16 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> list[dict]:
     """Train to `epochs`, with the test ELBO, the 4x4 grid, the metrics and a checkpoint
     before training and after every epoch; return the metrics. `resume_from`: the
-    checkpoint to go on from. The images are float32 (N, H, W, C), binarized for the Bernoulli."""
+    checkpoint to go on from. The images are uint8 (N, H, W, C), prepared a batch at a time
+    as the model's likelihood takes them (dataset.preprocess)."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
-    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy)
+    prepare = functools.partial(dataset.preprocess, likelihood=model.likelihood)
+    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare)
     step_loop = steps.StepLoop(functools.partial(train_step, kl=kl), model, optimizer, state.rng,
-                               strategy=strategy, shards=shards)
+                               strategy=strategy, shards=shards, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
-                                    state.rng, shards)
-    train_dataset = tf.constant(train_images)  # shuffled anew every epoch, below
+                                    state.rng, shards, prepare)
     test_dataset = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
 
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
@@ -136,8 +137,9 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             progress = records.EpochProgress(epoch, len(train_images), batch_size,
                                              int(optimizer.iterations.numpy()), out_dir)
             start_time = time.perf_counter()
-            epoch_images = dataset.epoch_images(train_dataset, seed, epoch)  # this epoch's shuffle
-            for first, losses in step_loop.epoch_losses(epoch_images, batch_size):  # train_step on each batch
+            order = dataset.epoch_order(len(train_images), seed, epoch)  # this epoch's shuffle
+            # train_step on each batch, in that order
+            for first, losses in step_loop.epoch_losses(train_images, batch_size, order=order):
                 progress.update(first, losses)
                 if stop.signal:
                     break

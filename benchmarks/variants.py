@@ -27,7 +27,8 @@ SETTINGS = {"tutorial": ("fp32", 1, 1), "fp32 1/call": ("fp32", 1, 1),
             "bf16": ("bf16", steps.STEPS_PER_CALL, None)}
 VARIANTS = tuple(SETTINGS)
 DATASETS = ("mnist", "fashion_mnist")  # the 28x28 grey images the tutorial's network takes
-# The IWAE row: evaluate.py's bound on IWAE_IMAGES test images, IWAE_SAMPLES draws each.
+# The IWAE row: evaluate.py's bound on IWAE_IMAGES test images, IWAE_SAMPLES draws each
+# unless --iw-samples says otherwise.
 IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
 
 
@@ -84,7 +85,7 @@ class Variant:
         return int(np.prod(self.iwae_noise.shape[:2]))
 
     def __init__(self, name: str, train_images: np.ndarray, test_images: np.ndarray,
-                 shards: int, batch_size: int = train.BATCH_SIZE) -> None:
+                 shards: int, batch_size: int = train.BATCH_SIZE, iw_samples: int = IWAE_SAMPLES) -> None:
         self.name, self.batch_size = name, batch_size
         tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
         precision, steps_per_call, _ = SETTINGS[name]
@@ -94,10 +95,10 @@ class Variant:
         self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
         self.plain_model.set_weights(self.model.get_weights())
         speed.use_fast_kernels(self.plain_model, vectorized=True)  # as evaluate.py does
-        self.iwae_images = tf.constant(test_images[:IWAE_IMAGES])
-        self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), IWAE_SAMPLES, train.LATENT_DIM))
-        if name == "tutorial":  # Keras' own kernels
-            self._tutorial(train_images, test_images)
+        self.iwae_images = dataset.binarize(test_images[:IWAE_IMAGES])
+        self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), iw_samples, train.LATENT_DIM))
+        if name == "tutorial":  # Keras' own kernels, on images binarized up front as the tutorial does
+            self._tutorial(dataset.binarize(train_images).numpy(), dataset.binarize(test_images).numpy())
         else:
             speed.use_fast_kernels(self.model)  # as train.py does
             self._port(train_images, test_images,
@@ -139,21 +140,21 @@ class Variant:
     def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
               shards: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        step_loop = steps.StepLoop(train.train_step, self.model, self.optimizer, rng, shards=shards)
-        test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards)
-        train_tensor = tf.constant(train_images)
+        step_loop = steps.StepLoop(train.train_step, self.model, self.optimizer, rng, shards=shards,
+                                   prepare=dataset.binarize)
+        test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards, dataset.binarize)
         test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
         batch_size = self.batch_size
         num_full_batches = len(train_images) // batch_size
 
         def timed_steps(count: int) -> None:
-            images = train_tensor[:min(count, num_full_batches) * batch_size]
+            images = train_images[:min(count, num_full_batches) * batch_size]
             for _ in step_loop.epoch_losses(images, batch_size, steps_per_call):
                 pass
 
         def epoch(number: int) -> None:  # what train.fit does, less its outputs
-            images = dataset.epoch_images(train_tensor, train.SEED, number)
-            for _ in step_loop.epoch_losses(images, batch_size, steps_per_call):
+            order = dataset.epoch_order(len(train_images), train.SEED, number)
+            for _ in step_loop.epoch_losses(train_images, batch_size, steps_per_call, order):
                 pass
 
         self.steps, self.epoch = timed_steps, epoch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from machinery import cli, distribute, run_folder
@@ -29,12 +30,13 @@ class RunState:
 
     def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                  test_images: np.ndarray, seed: int, out_dir: Path,
-                 strategy: tf.distribute.Strategy | None = None) -> None:
+                 strategy: tf.distribute.Strategy | None = None,
+                 prepare: Callable[[np.ndarray], tf.Tensor] = tf.constant) -> None:
         self.out_dir, self.strategy = out_dir, strategy or tf.distribute.get_strategy()
         self.rng = tf.random.Generator.from_seed(seed)
         picks = np.sort(np.random.default_rng(seed).choice(
             len(test_images), pictures.NUM_EXAMPLES_TO_GENERATE, replace=False))
-        self.test_sample = tf.Variable(test_images[picks], trainable=False)
+        self.test_sample = tf.Variable(prepare(test_images[picks]), trainable=False)
         self.sample_eps = tf.Variable(self.rng.normal(
             (pictures.NUM_EXAMPLES_TO_GENERATE, model.latent_dim)), trainable=False)
         self.checkpoint = tf.train.Checkpoint(

@@ -196,7 +196,7 @@ def agreed_checkpoint(resume_from: str | None, epochs: list[int], folder: Path) 
 class Run:
     config: dict  # the settings, as stored in config.json
     out_dir: Path
-    train_images: np.ndarray  # float32 (N, H, W, C), as --likelihood takes them (preprocess)
+    train_images: np.ndarray  # uint8 (N, H, W, C): train.fit prepares a batch at a time
     test_images: np.ndarray
     train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
     test_labels: np.ndarray
@@ -282,6 +282,5 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     with files.atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
-    return Run(config, out_dir, dataset.preprocess(train_images, config["likelihood"]),
-               dataset.preprocess(test_images, config["likelihood"]), train_labels, test_labels,
-               resume_from)
+    return Run(config, out_dir, dataset.with_channels(train_images), dataset.with_channels(test_images),
+               train_labels, test_labels, resume_from)

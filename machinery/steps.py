@@ -22,6 +22,7 @@ STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C aft
 TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps) -> loss
 LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ...) -> loss
 CompiledLoss = Callable[[tf.Tensor], tf.Tensor]  # images -> loss, the noise drawn inside
+Prepare = Callable[[tf.Tensor], tf.Tensor]  # stored images (uint8) -> the model's input
 
 
 class GradientSum:
@@ -77,10 +78,11 @@ class StepLoop:
 
     def __init__(self, train_step: TrainStep, model: tf.keras.Model,
                  optimizer: tf.keras.optimizers.Optimizer, rng: tf.random.Generator, *,
-                 strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> None:
+                 strategy: tf.distribute.Strategy | None = None, shards: int = 1,
+                 prepare: Prepare | None = None) -> None:
         self.train_step, self.model, self.optimizer, self.rng = train_step, model, optimizer, rng
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.shards = shards
+        self.shards, self.prepare = shards, prepare or tf.identity
         if not optimizer.built:  # its variables must exist before the loop is traced
             with self.strategy.scope():
                 optimizer.build(model.trainable_variables)
@@ -101,41 +103,50 @@ class StepLoop:
         return loss
 
     @tf.function
-    def _steps(self, batches: tf.Tensor, first: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-        """Steps on batches[first], .., batches[first + count - 1]; their losses."""
+    def _steps(self, batches: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        """Steps on batches[0], .., batches[count - 1] (the rest is padding); their losses."""
         losses = tf.TensorArray(tf.float32, size=count)
         for i in tf.range(count):
             # One step after the other (a loop may otherwise start the next iterations early).
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            x = batches[first + i]
+            x = self.prepare(batches[i])
             eps = self.rng.normal(shape=(tf.shape(x)[0], self.model.latent_dim))
             with exact.gradients_added_in_pairs():
                 loss = self.strategy.run(self._replica_step, args=(x, eps))
             losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
         return losses.stack()
 
-    def epoch_losses(self, images: tf.Tensor, batch_size: int,
-                     steps_per_call: int = STEPS_PER_CALL) -> Iterator[tuple[int, np.ndarray]]:
-        """A step on each batch of `images` in order; after each call, the index of its first
-        step and its losses. The last batch may be smaller."""
-        # Batches of static shape: the kernels, and so the results, are those of a function
-        # traced for one batch (a dynamic batch size rounds differently).
-        full = len(images) // batch_size
-        batches = tf.reshape(images[:full * batch_size], (full, batch_size, *images.shape[1:]))
+    def epoch_losses(self, images: np.ndarray | tf.Tensor, batch_size: int,
+                     steps_per_call: int = STEPS_PER_CALL, order: np.ndarray | None = None
+                     ) -> Iterator[tuple[int, np.ndarray]]:
+        """A step on each batch of images[order] (default: in order); after each call, the
+        index of its first step and its losses. The last batch may be smaller. Only a call's
+        batches are gathered (from uint8 images, say), so an epoch holds no copy of the set."""
+        images = np.asarray(images)
+        order = np.arange(len(images)) if order is None else order
+        full = len(order) // batch_size
         for first in range(0, full, steps_per_call):
             count = min(steps_per_call, full - first)
-            yield first, self._steps(batches, tf.constant(first), tf.constant(count)).numpy()
-        if full * batch_size < len(images):  # the smaller last batch: one call of its own shape
-            last = images[tf.newaxis, full * batch_size:]
-            yield full, self._steps(last, tf.constant(0), tf.constant(1)).numpy()
+            # Always steps_per_call batches of static shape, the last call's padded: one trace,
+            # and the kernels (so the results) of a function traced for one batch size.
+            picked = order[first * batch_size:(first + count) * batch_size]
+            picked = np.pad(picked, (0, (steps_per_call - count) * batch_size), mode="edge")
+            batches = images[picked].reshape(steps_per_call, batch_size, *images.shape[1:])
+            yield first, self._steps(tf.constant(batches), tf.constant(count)).numpy()
+        if full * batch_size < len(order):  # the smaller last batch: one call of its own shape
+            last = images[order[full * batch_size:]][np.newaxis]
+            yield full, self._steps(tf.constant(last), tf.constant(1)).numpy()
 
 
 def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.random.Generator,
-                  shards: int = 1) -> CompiledLoss:
-    """compute_loss(model, x, eps) as one compiled call, eps drawn from `rng`, `x` in
-    shards side by side: for the test ELBO."""
+                  shards: int = 1, prepare: Prepare | None = None) -> CompiledLoss:
+    """compute_loss(model, prepare(x), eps) as one compiled call, eps drawn from `rng`, `x`
+    in shards side by side: for the test ELBO."""
+    prepare = prepare or tf.identity
+
     @tf.function
     def loss(x: tf.Tensor) -> tf.Tensor:
+        x = prepare(x)
         eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
         return weighted_loss(compute_loss, model, x, eps, shards)
     return loss

@@ -29,7 +29,7 @@ def model() -> network.CVAE:
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return dataset.binarize(make_mnist_arrays(num_train=1, num_test=128, seed=5)["x_test"])
+    return dataset.binarize(make_mnist_arrays(num_train=1, num_test=128, seed=5)["x_test"]).numpy()
 
 
 def per_image_compute_loss(model, images, eps, kl="mc") -> np.ndarray:

@@ -82,7 +82,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def inputs(tmp_path_factory) -> Path:
     """Fixed test images and latent points, for every loader to run."""
     path = tmp_path_factory.mktemp("inputs") / "inputs.npz"
-    images = dataset.binarize(make_mnist_arrays(num_train=0, num_test=8, seed=1)["x_test"])
+    images = dataset.binarize(make_mnist_arrays(num_train=0, num_test=8, seed=1)["x_test"]).numpy()
     z = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32) * 2
     np.savez(path, x=images, z=z)
     return path

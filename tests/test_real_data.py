@@ -29,7 +29,7 @@ def test_one_epoch_on_2000_images_improves_the_test_elbo(tmp_path):
     tf.keras.utils.set_random_seed(0)
     model = network.CVAE(train.LATENT_DIM)
     metrics = train.fit(model, tf.keras.optimizers.Adam(train.LEARNING_RATE),
-                        dataset.binarize(x_train), dataset.binarize(x_test), epochs=1,
+                        dataset.with_channels(x_train), dataset.with_channels(x_test), epochs=1,
                         batch_size=train.BATCH_SIZE, seed=0, out_dir=tmp_path)
     untrained, trained = metrics[0]["test_elbo"], metrics[1]["test_elbo"]
     print(f"test ELBO untrained {untrained:.1f}, after one epoch on 2,000 images {trained:.1f}")

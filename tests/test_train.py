@@ -11,6 +11,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_mnist_arrays
 
 import dataset
 import network
@@ -91,6 +92,25 @@ def test_manifold_png_is_written(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_an_epoch_prepares_uint8_batches_in_the_epoch_order():
+    """Stored uint8 images, gathered in the epoch's order and binarized a call at a time,
+    train exactly as the binarized images put in that order beforehand."""
+    pixels = make_mnist_arrays(num_train=100, num_test=0, seed=7)["x_train"][..., np.newaxis]
+    order = dataset.epoch_order(len(pixels), seed=7, epoch=1)
+    losses = {}
+    for stored in ("uint8", "float32 in order"):
+        tf.keras.utils.set_random_seed(7)
+        model = network.CVAE(2)
+        loop = steps.StepLoop(train.train_step, model, tf.keras.optimizers.Adam(1e-3),
+                              tf.random.Generator.from_seed(7),
+                              prepare=dataset.binarize if stored == "uint8" else None)
+        calls = (loop.epoch_losses(pixels, 32, steps_per_call=2, order=order) if stored == "uint8"
+                 else loop.epoch_losses(dataset.binarize(pixels[order]), 32, steps_per_call=2))
+        losses[stored] = np.concatenate([batch_losses for _, batch_losses in calls])
+    assert losses["uint8"].shape == (4,)
+    np.testing.assert_array_equal(losses["uint8"], losses["float32 in order"])
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     tf.keras.utils.set_random_seed(4)
@@ -106,8 +126,8 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
 
 
 def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
-    train_images = dataset.binarize(tiny_arrays["x_train"])
-    test_images = dataset.binarize(tiny_arrays["x_test"])
+    train_images = dataset.with_channels(tiny_arrays["x_train"])  # uint8: fit binarizes a batch at a time
+    test_images = dataset.with_channels(tiny_arrays["x_test"])
     tf.keras.utils.set_random_seed(0)
     model = network.CVAE(2)
     metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), train_images, test_images,
