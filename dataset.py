@@ -1,37 +1,34 @@
 """The images for the CVAE: load them, check them, binarize them (or scale their 8 bits), batch them.
 
-Where the data comes from, first match wins:
-  --data PATH (or the CVAE_DATA variable): a Keras-format .npz (x_train, y_train,
-  x_test, y_test) of uint8 images (N, H, W) or (N, H, W, C), or a folder with the four
-  MNIST IDX files, plain or .gz;
-  otherwise tf.keras.datasets.<--dataset>.load_data() (MNIST by default), which downloads once.
+--data PATH (or $CVAE_DATA) names a Keras .npz (x_train, y_train, x_test, y_test), a folder of
+the four MNIST IDX files or a folder of images; without it, tf.keras.datasets.<--dataset> downloads.
 
-    python dataset.py                    # inspect the data, write a preview PNG
-    python dataset.py --data mnist.npz   # the same, offline
+    python dataset.py                              # inspect the data, write a preview PNG
+    python dataset.py --data photos --image-size 32   # a folder of images, a subfolder per class
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, data_files, files
+from machinery import cli, data_files, files, image_folder
 from machinery.cli import UserError
 
 import numpy as np
 import tensorflow as tf
-from matplotlib.figure import Figure
 
 import network
 import pictures
 
-NUM_CLASSES = 10
 DATA_ENV_VAR = "CVAE_DATA"
 LEVELS_8BIT = np.arange(256, dtype=np.float32) / 255.  # a pixel's value for the logistic likelihood
-EVAL_BATCH_SIZE = 1000  # test images a batch of the test ELBO (the noise is drawn a batch at a time)
+INSPECTED = 10_000  # images of a split that python dataset.py looks at pixel by pixel
+EVAL_BATCH_SIZE = 1000  # 28x28 test images a batch of the test ELBO (its noise is drawn a batch at a time)
 KERAS_DATASETS = {"mnist": tf.keras.datasets.mnist, "fashion_mnist": tf.keras.datasets.fashion_mnist,
                   "cifar10": tf.keras.datasets.cifar10}
 TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
@@ -47,45 +44,68 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 (N, H, W) or (N, H, W, C)
 
 
 def add_data_flags(parser: argparse.ArgumentParser, datasets: Sequence[str] = tuple(KERAS_DATASETS),
-                   pictures: bool = True) -> None:
+                   pictures: bool = True, folders: bool = True) -> None:
     """--data and --dataset: where the data comes from (`datasets`: which downloads it may name;
-    `pictures`: whether the script draws pictures that the class names label)."""
+    `pictures`: whether the script draws pictures that the class names label); with
+    `folders`, the flags of a folder of images."""
     parser.add_argument("--data", default=None,
-                        help=f"Keras .npz or folder of MNIST IDX files (default: ${DATA_ENV_VAR}, "
-                             f"else the Keras download)")
+                        help=f"Keras .npz, folder of MNIST IDX files"
+                             f"{', or folder of images (a subfolder per class)' if folders else ''} "
+                             f"(default: ${DATA_ENV_VAR}, else the Keras download)")
     parser.add_argument("--dataset", choices=datasets, default="mnist",
                         help="which Keras download to use when no --data is given"
                              + (", and whose class names label the pictures" if pictures else ""))
+    if folders:
+        image_folder.add_flags(parser)
 
 
 # ----------------------------------------------------------------------------
 # Loading and checking
 
 
-def load_mnist(
-    path: str | None = None, train_size: int | None = None, test_size: int | None = None,
-    name: str = "mnist",
-) -> tuple[Split, Split]:
-    """Return (x_train, y_train), (x_test, y_test), checked, as uint8 arrays.
+@dataclasses.dataclass
+class Data:
+    """The images, checked: uint8 (N, H, W[, C]) with uint8 labels, per split."""
 
-    `path` is a .npz file or an IDX folder; None means $CVAE_DATA, then the Keras
-    download of `name` (mnist, fashion_mnist or cifar10). `train_size` / `test_size`
-    keep only the first N images of a split.
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]  # what the labels 0, 1, .. mean
+    fingerprint: str  # SHA-256 of the images and labels (of a folder: its files and settings)
+    folder_report: dict | None = None  # for a folder of images: what was found and done
+
+    @property
+    def splits(self) -> tuple[Split, Split]:
+        return self.train, self.test
+
+
+def load_data(
+    path: str | None = None, train_size: int | None = None, test_size: int | None = None,
+    name: str = "mnist", folder: image_folder.Settings | None = None,
+) -> Data:
+    """The data at `path`: a .npz file, an IDX folder or a folder of images (read as
+    `folder` says); None means $CVAE_DATA, then the Keras download of `name` (mnist,
+    fashion_mnist or cifar10). `train_size` / `test_size` keep only the first N images of a split.
     """
-    path = data_source(path)
-    if path is None:
-        arrays, source = _download(name), "the Keras download"
+    path, folder = data_source(path), folder or image_folder.Settings()
+    arrays, source = None, path or "the Keras download"
+    if path is not None and not Path(path).exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path is not None and Path(path).is_dir() and image_folder.is_image_folder(Path(path)):
+        arrays = image_folder.load(Path(path), folder)
+    elif folder.image_size or folder.channels:
+        raise UserError("--image-size and --channels are for a folder of images; "
+                        f"{source} is not one")
+    elif path is None:
+        arrays = _download(name)
     else:
-        source = path
-        if not Path(path).exists():
-            raise UserError(f"{path}: no such file or folder")
         arrays = (data_files.read_idx_folder if Path(path).is_dir() else data_files.read_npz)(Path(path))
+    class_names = tuple(arrays.get("class_names", CLASS_NAMES[name]))
     splits = []
     for split, size in (("train", train_size), ("test", test_size)):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if labels.ndim == 2 and labels.shape[1:] == (1,):  # CIFAR-10's labels are (N, 1)
             labels = labels[:, 0]
-        _check_split(images, labels, f"{source}: {split} split")
+        _check_split(images, labels, f"{source}: {split} split", len(class_names))
         if size is not None:
             if size > len(images):
                 raise UserError(
@@ -97,11 +117,12 @@ def load_mnist(
     if train_shape != test_shape:
         raise UserError(f"{source}: train images are {train_shape}, test images {test_shape}: "
                         f"both splits need one shape")
-    return splits[0], splits[1]
+    digest = arrays.get("fingerprint") or fingerprint(*splits[0], *splits[1])
+    return Data(splits[0], splits[1], class_names, digest, arrays.get("report"))
 
 
 def data_source(path: str | None = None) -> str | None:
-    """Where load_mnist(path) reads from: `path`, else $CVAE_DATA, else None (download)."""
+    """Where load_data(path) reads from: `path`, else $CVAE_DATA, else None (download)."""
     return path or os.environ.get(DATA_ENV_VAR) or None
 
 
@@ -126,7 +147,7 @@ def _download(name: str) -> dict[str, np.ndarray]:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+def _check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> None:
     if images.ndim not in (3, 4):
         raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
                         f"(N, H, W, C)")
@@ -139,9 +160,10 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
     if labels.ndim != 1 or len(labels) != len(images):
         raise UserError(f"{where}: {labels.shape} labels for {len(images)} images")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..9")
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected 0..9")
+        raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..{num_classes - 1}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected "
+                        f"0..{num_classes - 1}")
 
 
 # ----------------------------------------------------------------------------
@@ -190,6 +212,12 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
+def eval_batch_size(shape: Sequence[int]) -> int:
+    """EVAL_BATCH_SIZE for 28x28 images, fewer for larger ones: a batch's memory stays that of MNIST's."""
+    height, width, _ = shape
+    return max(1, EVAL_BATCH_SIZE * 28 * 28 // (height * width))
+
+
 def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Batches of `images` as stored; the last may be smaller."""
     # In memory, a batch is a slice: the autotuner has nothing to tune, and its thread
@@ -201,15 +229,6 @@ def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dat
 
 # ----------------------------------------------------------------------------
 # python dataset.py: what is in the data
-
-
-def save_preview(images: np.ndarray, labels: np.ndarray, path: Path, title: str,
-                 names: Sequence[str] = pictures.DIGITS, columns: int = 8) -> None:
-    """A grid of images as the model sees them, each titled with its class."""
-    figure = Figure(figsize=(columns * 1.1, -(-len(images) // columns) * 1.3))
-    pictures.image_grid(figure, images, columns, [names[label] for label in labels])
-    figure.suptitle(title)
-    pictures.save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -225,44 +244,54 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     out_dir = files.ensure_out_dir(args.out_dir)
     print(f"Source: {data_source(args.data) or f'tf.keras.datasets.{args.dataset}.load_data()'}")
-    splits = dict(zip(("train", "test"), load_mnist(args.data, name=args.dataset)))
+    data = load_data(args.data, name=args.dataset, folder=image_folder.settings(args))
+    splits = dict(zip(("train", "test"), data.splits))
+    for line in image_folder.report_lines(data.folder_report or {}):
+        print(f"  {line}")
 
     print("\nAs loaded:")
     for name, (images, labels) in splits.items():
-        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}  "
-              f"values {images.min()}..{images.max()}   "
+        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}   "
               f"labels {labels.shape} {labels.dtype} {labels.min()}..{labels.max()}")
-    likelihood = args.likelihood or network.default_likelihood(image_shape(splits["train"][0])[2])
-    print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood:"
+    likelihood = args.likelihood or default_likelihood(data)
+    print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood"
           if likelihood == "bernoulli" else
-          "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood:")
-    prepared = {name: preprocess(with_channels(images), likelihood).numpy()
+          "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood", end="")
+    print(f" (the first {INSPECTED:,} images of a split):")
+    prepared = {name: preprocess(with_channels(images[:INSPECTED]), likelihood).numpy()
                 for name, (images, _) in splits.items()}
     for name, images in prepared.items():
         levels = np.unique(images)
         values = ("{" + ", ".join(f"{v:g}" for v in levels) + "}" if len(levels) <= 4
                   else f"{len(levels)} levels {levels.min():g}..{levels.max():g}")
-        print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}  values {values}  "
+        print(f"  {name:5s} images {str(images.shape[1:]):15s} {images.dtype}  values {values}  "
               f"mean {images.mean():.3f}")
 
-    names = CLASS_NAMES[args.dataset]
+    names = data.class_names
     print("\nImages per class:")
-    print(f"  {'class':12s}" + "".join(f"{name:>8s}" for name in splits))
-    counts = {name: np.bincount(labels, minlength=NUM_CLASSES) for name, (_, labels) in splits.items()}
+    width = max(12, *(len(name) + 4 for name in names))
+    print(f"  {'class':{width}s}" + "".join(f"{name:>8s}" for name in splits))
+    counts = {name: np.bincount(labels, minlength=len(names)) for name, (_, labels) in splits.items()}
     numbered = names != pictures.DIGITS  # MNIST's class names are its labels: once is enough
-    for label in range(NUM_CLASSES):
+    for label in range(len(names)):
         row = f"{label} {names[label]}" if numbered else names[label]
-        print(f"  {row:12s}" + "".join(f"{counts[split][label]:8d}" for split in splits))
-    print(f"  {'total':12s}" + "".join(f"{len(labels):8d}" for _, labels in splits.values()))
+        print(f"  {row:{width}s}" + "".join(f"{counts[split][label]:8d}" for split in splits))
+    print(f"  {'total':{width}s}" + "".join(f"{len(labels):8d}" for _, labels in splits.values()))
 
     print(f"\nBatches per epoch at batch size {args.batch_size}: " + ", ".join(
         f"{name} {-(-len(labels) // args.batch_size)}" for name, (_, labels) in splits.items()))
 
     preview = out_dir / "dataset_preview.png"
     how = "Binarized" if likelihood == "bernoulli" else "8-bit"
-    save_preview(prepared["train"][:32], splits["train"][1][:32], preview,
-                 f"{how} training images (class above each)", names)
+    titled = len(names) > 1  # a flat folder's images have no classes to show
+    pictures.save_preview(prepared["train"][:32], splits["train"][1][:32] if titled else [], preview,
+                 f"{how} training images" + (" (class above each)" if titled else ""), names)
     print(f"\nPreview of 32 {how.lower()} training images written to {preview}")
+
+
+def default_likelihood(data: Data) -> str:
+    """The 8-bit logistic for a folder of images or colour ones, else the tutorial's Bernoulli."""
+    return "logistic" if data.folder_report else network.default_likelihood(image_shape(data.train[0])[2])
 
 
 if __name__ == "__main__":

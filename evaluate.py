@@ -144,7 +144,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     The IWAE bound's batches are kept in `kept` as they finish (the work that `work`
     describes), so that the same evaluation asked for again goes on from there."""
     parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)), kl)
-             for i, x in enumerate(dataset.make_batches(images, dataset.EVAL_BATCH_SIZE))]
+             for i, x in enumerate(dataset.make_batches(images, dataset.eval_batch_size(model.image_shape)))]
     elbo, logpx_z, kl_term = (np.concatenate([part[j].numpy() for part in parts]) for j in range(3))
     batches = resumable.BatchResults(kept, {"iw_samples": iw_samples, "seed": seed, **(work or {})},
                                      len(images))
@@ -175,15 +175,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]
-    _, (test_images, test_labels), _ = run_folder.load_run_data(config, source, out_dir, check=True)
+    data = run_folder.load_run_data(config, source, out_dir, check=True)
+    test_images, test_labels = data.test
     if args.test_size is not None:
         if args.test_size > len(test_images):
             raise cli.UserError(f"--test-size {args.test_size} is larger than the run's "
                                 f"{len(test_images)} test images")
         test_images, test_labels = test_images[:args.test_size], test_labels[:args.test_size]
-    if len(np.unique(test_labels)) < 2:
-        raise cli.UserError("the interpolation needs test digits of two classes; use a larger "
-                            "--test-size")
+    names, noun = data.class_names, pictures.noun(data.class_names)
+    if len(names) > 1 and len(np.unique(test_labels)) < 2:
+        raise cli.UserError(f"the interpolation needs test {noun} of two classes; use a larger "
+                            f"--test-size")
     test_images = dataset.preprocess(test_images, config["likelihood"]).numpy()
 
     print(distribute.describe(tf.distribute.get_strategy()))
@@ -212,9 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     what = "binarized pixel" if config["likelihood"] == "bernoulli" else "8-bit pixel channel"
     print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 
-    pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png")
+    pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png", noun)
     pictures.save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
-    names = dataset.CLASS_NAMES[config["dataset"]]
     pictures.save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png", names)
     pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
     pictures.save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"),

@@ -1,4 +1,4 @@
-"""Draw digits from a trained model: decode points of its latent space into images.
+"""Draw images (digits, for MNIST) from a trained model: decode points of its latent space.
 
     python generate.py --out-dir output                        # 16 digits, z ~ N(0, I)
     python generate.py --out-dir output --num 64 --seed 3 --npy
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 import network
 import pictures
 
-MAX_DIGITS = 400  # in one picture; the SavedModel draws any number
+MAX_IMAGES = 400  # in one picture; the SavedModel draws any number
 OUT_NAME = "generated.png"
 
 
@@ -44,19 +44,19 @@ def latent_point(text: str) -> np.ndarray:
 
 
 def build_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser(description="Draw digits from a trained model: from the prior, "
+    parser = cli.ArgumentParser(description="Draw images from a trained model: from the prior, "
                                             "at given latent points, or along a line.")
     parser.add_argument("--out-dir", default=run_folder.OUT_DIR,
                         help=f"the run folder whose exported model ({network.KERAS_FILE}) draws")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--num", type=cli.int_between(1, MAX_DIGITS),
+    what.add_argument("--num", type=cli.int_between(1, MAX_IMAGES),
                       default=pictures.NUM_EXAMPLES_TO_GENERATE,
-                      help="how many digits to draw from the prior, z ~ N(0, I)")
+                      help="how many images to draw from the prior, z ~ N(0, I)")
     what.add_argument("--z", type=latent_point, action="append", metavar="Z",
                       help="decode this latent point, e.g. 0.5,-1.2 (repeat the flag for more)")
     what.add_argument("--interpolate", type=latent_point, nargs=2, metavar=("A", "B"),
                       help="decode a walk from latent point A to B, e.g. -2,0 2,0")
-    parser.add_argument("--steps", type=cli.int_between(2, MAX_DIGITS), default=10,
+    parser.add_argument("--steps", type=cli.int_between(2, MAX_IMAGES), default=10,
                         help="points on the --interpolate walk, both ends included")
     parser.add_argument("--seed", type=cli.seed_int, default=0,
                         help="seed for the draws from the prior (--num)")
@@ -93,7 +93,7 @@ def latent_points(args: argparse.Namespace, latent_dim: int) -> tuple[np.ndarray
     return z, [], f"the prior N(0, I), seed {args.seed}"
 
 
-def save_digits(probabilities: np.ndarray, titles: Sequence[str], title: str, path: Path,
+def save_images(probabilities: np.ndarray, titles: Sequence[str], title: str, path: Path,
                 columns: int) -> None:
     rows = math.ceil(len(probabilities) / columns)
     figure = Figure(figsize=(columns, rows * (1.2 if titles else 1.0) + 0.4))
@@ -123,8 +123,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     files.ensure_out_dir(out.parent, flag="--out's folder")
     columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
-    what = f"{len(z)} digit{'s' * (len(z) > 1)} decoded from {about}"
-    save_digits(probabilities, titles, what, out, columns)
+    noun = pictures.noun(run_folder.class_names(run_folder.load_config(Path(args.out_dir)))
+                         if (Path(args.out_dir) / "config.json").is_file() else ())
+    what = f"{len(z)} {noun if len(z) > 1 else noun[:-1]} decoded from {about}"
+    save_images(probabilities, titles, what, out, columns)
     if args.npy:
         with files.atomic_path(written[-1]) as tmp:
             np.save(tmp, probabilities)

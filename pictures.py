@@ -49,6 +49,15 @@ def grid_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"image_at_epoch_{epoch:04d}.png"
 
 
+def save_preview(images: np.ndarray, labels: Sequence[int], path: Path, title: str,
+                 names: Sequence[str] = DIGITS, columns: int = 8) -> None:
+    """A grid of images as the model sees them, each titled with its class (if `labels`)."""
+    figure = Figure(figsize=(columns * 1.1, -(-len(images) // columns) * 1.3))
+    image_grid(figure, images, columns, [names[label] for label in labels])
+    figure.suptitle(title)
+    save_figure(figure, path)
+
+
 def generate_and_save_images(model: CVAE, epoch: int, test_sample: tf.Tensor, eps: tf.Tensor,
                              out_dir: Path) -> None:
     """Encode, reparameterize (noise `eps`) and decode `test_sample`; save the pixel
@@ -104,9 +113,14 @@ def save_latent_images(model: CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
 # evaluate.py's pictures of a trained model
 
 
-def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, count: int = 32,
-                         columns: int = 8) -> None:
-    """Test digits, each row of them above a row of their reconstructions (decoded means)."""
+def noun(class_names: Sequence[str]) -> str:
+    """What the pictures call the images: digits where the classes are MNIST's, else images."""
+    return "digits" if tuple(class_names) == DIGITS else "images"
+
+
+def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, what: str = "digits",
+                         count: int = 32, columns: int = 8) -> None:
+    """Test images (`what`), each row of them above a row of their reconstructions (decoded means)."""
     originals = images[:count]
     mean, _ = model.encode(originals)
     reconstructions = model.sample(mean).numpy()
@@ -115,7 +129,7 @@ def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, count: int
         rows += [originals[start:start + columns], reconstructions[start:start + columns]]
     figure = Figure(figsize=(columns, len(rows) * 1.05))
     image_grid(figure, np.concatenate(rows), columns)
-    figure.suptitle("Test digits (odd rows) and their reconstructions (even rows)")
+    figure.suptitle(f"Test {what} (odd rows) and their reconstructions (even rows)")
     save_figure(figure, path, bbox_inches="tight")
 
 
@@ -129,7 +143,7 @@ def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> N
 
 def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
                       names: Sequence[str] = DIGITS) -> None:
-    """The test set's latent means, coloured by class (`names`: of the labels 0..9); the
+    """The test set's latent means, coloured by class (`names`: of the labels 0, 1, ..); the
     first two principal components when the latent space has more than two dimensions."""
     means = np.concatenate([model.encode(images[start:start + ENCODE_BATCH])[0].numpy()
                             for start in range(0, len(images), ENCODE_BATCH)])
@@ -148,10 +162,13 @@ def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path:
         axis_labels = ("PC 1", "PC 2")
     figure = Figure(figsize=(8, 7))
     axes = figure.add_subplot()
-    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5,
-                           vmax=9.5, s=3, alpha=0.7)
-    colorbar = figure.colorbar(scatter, ax=axes, ticks=range(10), label="class")
-    colorbar.ax.set_yticklabels(names)
+    classes = len(names)
+    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, s=3, alpha=0.7, vmin=-0.5,
+                           vmax=classes - 0.5, cmap="tab10" if classes <= 10 else "turbo")
+    if classes > 1:
+        ticks = range(0, classes, max(1, classes // 20))  # at most about 20 names
+        colorbar = figure.colorbar(scatter, ax=axes, ticks=ticks, label="class")
+        colorbar.ax.set_yticklabels([names[tick] for tick in ticks])
     axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
     save_figure(figure, path, bbox_inches="tight")
 
@@ -159,18 +176,20 @@ def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path:
 def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
                        names: Sequence[str] = DIGITS, steps: int = 10) -> None:
     """Decode evenly spaced points on the line between the latent means of two test
-    digits of different classes (the first test image and the first of another label)."""
-    first = 0
-    other = int(np.flatnonzero(labels != labels[first])[0])
+    images of different classes (the first test image and the first of another label; the
+    first two where there is one class)."""
+    first, others = 0, np.flatnonzero(labels != labels[0])
+    other = int(others[0]) if len(others) else 1
     mean, _ = model.encode(images[[first, other]])
     path_z, weights = latent_walk(mean[0].numpy(), mean[1].numpy(), steps)
     decoded = model.sample(tf.constant(path_z)).numpy()
     row = np.concatenate([images[[first]], decoded, images[[other]]])
-    start, end = names[labels[first]], names[labels[other]]
+    start, end = (names[labels[i]] if len(names) > 1 else "image" for i in (first, other))
     titles = [f"test {start}"] + [f"{w:.2f}" for w in weights] + [f"test {end}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
     image_grid(figure, row, len(row), titles)
-    figure.suptitle(f"From a {start} to a {end} in latent space")
+    figure.suptitle(f"From a {start} to a {end} in latent space" if len(names) > 1
+                    else "From one test image to another in latent space")
     save_figure(figure, path, bbox_inches="tight")
 
 

@@ -2,7 +2,7 @@
 
 The defaults are the tutorial's: binarized MNIST, batch 32, latent_dim 2, Adam 1e-4,
 10 epochs, the single-sample Monte Carlo ELBO and a custom tf.GradientTape step. A run
-writes into --out-dir a 4x4 grid of test digits per epoch, cvae.gif, latent_manifold.png,
+writes into --out-dir a 4x4 grid of test images per epoch, cvae.gif, latent_manifold.png,
 metrics.csv, config.json, checkpoints/ and tensorboard/. Stopped at any moment, it goes
 on with --resume from its last complete epoch, as if it had never stopped.
 
@@ -39,7 +39,8 @@ SEED = 42
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Train the convolutional VAE on binarized MNIST (or "
-                                            "the images --data or --dataset names).")
+                                            "the images --data or --dataset names: a .npz, or "
+                                            "a folder of images).")
     parser.add_argument("--epochs", type=cli.non_negative_int, default=EPOCHS,
                         help="passes over the training set")
     parser.add_argument("--latent-dim", type=cli.positive_int, default=LATENT_DIM,
@@ -118,7 +119,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                                strategy=strategy, shards=shards, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
-    test_dataset = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
+    test_dataset = dataset.make_batches(test_images, dataset.eval_batch_size(model.image_shape))
 
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
     epoch_records = records.EpochRecords(out_dir, chief, done)
@@ -175,7 +176,8 @@ def save_final_outputs(model: network.CVAE, config: dict, out_dir: Path) -> None
         print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")
     export.export_model(model, out_dir)  # the trained model, to use without this script
     print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/ "
-          f"(python generate.py --out-dir {out_dir} draws digits from them)")
+          f"(python generate.py --out-dir {out_dir} draws "
+          f"{pictures.noun(run_folder.class_names(config))} from them)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

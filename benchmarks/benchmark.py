@@ -115,7 +115,7 @@ def serve(name: str, data: str | None, dataset_name: str, train_size: int | None
     """One variant, in a process of its own: set up, take a first step, report how long
     that took, then time what the parent asks until it says "stop"."""
     shards = speed.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
-    (train_images, _), (test_images, _) = dataset.load_mnist(data, train_size, name=dataset_name)
+    (train_images, _), (test_images, _) = dataset.load_data(data, train_size, name=dataset_name).splits
     variant = Variant(name, dataset.with_channels(train_images), dataset.with_channels(test_images), shards,
                       batch_size, iw_samples)
     variant.steps(1)
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out_dir = files.ensure_out_dir(args.out_dir)
     data = dataset.data_source(args.data)
     # Checked here, before any process starts.
-    (train_images, _), (test_images, _) = dataset.load_mnist(data, args.train_size, name=args.dataset)
+    (train_images, _), (test_images, _) = dataset.load_data(data, args.train_size, name=args.dataset).splits
     variants.check_training_images(train_images, data or args.dataset, args.train_size, args.batch_size)
 
     # One process at a time starts, so that start-up is timed on a quiet machine. Start-up:

@@ -17,7 +17,7 @@ import shutil
 import typing
 from pathlib import Path
 
-from machinery import cli, files
+from machinery import cli, files, image_folder
 
 import numpy as np
 import tensorflow as tf
@@ -30,15 +30,19 @@ OUT_DIR = "output"
 # Settings fixed for a run's life: --resume refuses a flag that contradicts them.
 # (--epochs may change: resuming with more epochs trains a finished run further.)
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
-                "kl", "dataset", "precision", "filters", "likelihood")
+                "kl", "dataset", "precision", "filters", "likelihood", "image_size", "channels",
+                "test_fraction")
 # What runs from before a setting existed used, for --resume and evaluate.py.
 SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32", "filters": None,
-                    "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE)}
+                    "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE),
+                    "image_size": None, "channels": None,
+                    "test_fraction": image_folder.DEFAULT_TEST_FRACTION, "class_names": None}
 CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
                 "kl": str, "dataset": str, "precision": str, "filters": (int, type(None)),
                 "likelihood": str, "image_shape": list, "data": (str, type(None)),
-                "data_sha256": str}
+                "data_sha256": str, "image_size": (list, type(None)), "channels": (int, type(None)),
+                "test_fraction": float, "class_names": (list, type(None))}
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
@@ -118,17 +122,21 @@ def load_config(out_dir: Path) -> dict:
     return config
 
 
-def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool
-                  ) -> tuple[dataset.Split, dataset.Split, str]:
-    """The run's data as its config says, with its fingerprint; with `check`, refuse data
-    whose fingerprint is not the one the run was trained on."""
-    (train_images, train_labels), (test_images, test_labels) = dataset.load_mnist(
-        source, config["train_size"], config["test_size"], config["dataset"])
-    data_sha256 = dataset.fingerprint(train_images, train_labels, test_images, test_labels)
-    if check and data_sha256 != config["data_sha256"]:
+def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool) -> dataset.Data:
+    """The run's data as its config says; with `check`, refuse data whose fingerprint is
+    not the one the run was trained on (a folder's: its files, and how they were read)."""
+    data = dataset.load_data(source, config["train_size"], config["test_size"], config["dataset"],
+                             image_folder.settings(config))
+    if check and data.fingerprint != config["data_sha256"]:
         raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
-                            f"run in {out_dir} was trained on; pass that with --data")
-    return (train_images, train_labels), (test_images, test_labels), data_sha256
+                            f"run in {out_dir} was trained on (a file added, removed or changed?); "
+                            f"pass that with --data")
+    return data
+
+
+def class_names(config: dict) -> tuple[str, ...]:
+    """What a run's labels 0, 1, .. mean: its data's class names (or its --dataset's)."""
+    return tuple(config["class_names"] or dataset.CLASS_NAMES[config["dataset"]])
 
 
 def checkpoint_epoch(prefix: str | Path | None) -> int:
@@ -257,13 +265,14 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
         config = dict(flags)
     config["data"] = str(Path(source).resolve()) if source else None  # where it is now
 
-    (train_images, train_labels), (test_images, test_labels), config["data_sha256"] = load_run_data(
-        config, source, out_dir, check=args.resume)
+    data = load_run_data(config, source, out_dir, check=args.resume)
+    (train_images, train_labels), (test_images, test_labels) = data.splits
+    config["data_sha256"], config["class_names"] = data.fingerprint, list(data.class_names)
     if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
                             f"got {len(test_images)}")
     config["image_shape"] = list(dataset.image_shape(train_images))  # the model's shapes follow
-    config["likelihood"] = config["likelihood"] or network.default_likelihood(config["image_shape"][2])
+    config["likelihood"] = config["likelihood"] or dataset.default_likelihood(data)
     resume_from, done = None, 0
     if args.resume:  # this worker's checkpoints, else (one shared run folder) the chief's
         for folder in dict.fromkeys((checkpoint_folder, "checkpoints")):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli, data_files
+from machinery import cli, data_files, image_decoding
 
 import numpy as np
 import pytest
@@ -67,9 +67,11 @@ def tiny_npz(tmp_path: Path, tiny_arrays: dict) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_data_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests name their data; CVAE_DATA (set in CI) is for the real-data test alone."""
+def no_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests name their data; CVAE_DATA (set in CI) is for the real-data test alone. Decoded
+    folders of images are cached in a folder of each test's own."""
     monkeypatch.delenv("CVAE_DATA", raising=False)
+    monkeypatch.setenv(image_decoding.CACHE_ENV_VAR, str(tmp_path_factory.mktemp("cache")))
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300,

@@ -36,25 +36,25 @@ def assert_same_as(loaded, arrays):
 
 
 def test_npz(tiny_npz, tiny_arrays):
-    assert_same_as(dataset.load_mnist(str(tiny_npz)), tiny_arrays)
+    assert_same_as(dataset.load_data(str(tiny_npz)).splits, tiny_arrays)
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
 def test_idx_folder(tmp_path, tiny_arrays, gz):
     folder = write_idx_folder(tmp_path / "idx", tiny_arrays, gz=gz)
-    assert_same_as(dataset.load_mnist(str(folder)), tiny_arrays)
+    assert_same_as(dataset.load_data(str(folder)).splits, tiny_arrays)
 
 
 def test_env_var_names_the_data(monkeypatch, tiny_npz, tiny_arrays):
     monkeypatch.setenv("CVAE_DATA", str(tiny_npz))
-    assert_same_as(dataset.load_mnist(), tiny_arrays)
+    assert_same_as(dataset.load_data().splits, tiny_arrays)
 
 
 def test_keras_download_is_the_default(monkeypatch, tiny_arrays):
     a = tiny_arrays
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data",
                         lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
-    assert_same_as(dataset.load_mnist(), tiny_arrays)
+    assert_same_as(dataset.load_data().splits, tiny_arrays)
 
 
 def test_failed_download_says_how_to_pass_a_file(monkeypatch):
@@ -63,14 +63,14 @@ def test_failed_download_says_how_to_pass_a_file(monkeypatch):
 
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", offline)
     with pytest.raises(UserError) as error:
-        dataset.load_mnist()
+        dataset.load_data()
     message = str(error.value)
     assert "could not download MNIST" in message and "--data" in message
     assert "CVAE_DATA" in message and "\n" not in message
 
 
 def test_first_n_images(tiny_npz, tiny_arrays):
-    (x_train, y_train), (x_test, _) = dataset.load_mnist(str(tiny_npz), train_size=10, test_size=20)
+    (x_train, y_train), (x_test, _) = dataset.load_data(str(tiny_npz), train_size=10, test_size=20).splits
     assert len(x_train) == len(y_train) == 10 and len(x_test) == 20
     np.testing.assert_array_equal(x_train, tiny_arrays["x_train"][:10])
 
@@ -78,7 +78,7 @@ def test_first_n_images(tiny_npz, tiny_arrays):
 @pytest.mark.parametrize("sizes, flag", [((97, None), "--train-size"), ((None, 33), "--test-size")])
 def test_sizes_larger_than_the_data(tiny_npz, sizes, flag):
     with pytest.raises(UserError, match=f"{flag} .* is larger than"):
-        dataset.load_mnist(str(tiny_npz), *sizes)
+        dataset.load_data(str(tiny_npz), *sizes)
 
 
 # Every malformed input the loader handles: how to make it, and what the message says.
@@ -174,7 +174,7 @@ def test_malformed_input_is_one_clear_line(tmp_path, case):
     make, expected = MALFORMED[case]
     path = make(tmp_path)
     with pytest.raises(UserError) as error:
-        dataset.load_mnist(str(path))
+        dataset.load_data(str(path))
     message = str(error.value)
     assert expected in message
     assert path.name in message  # says where
@@ -200,4 +200,4 @@ def test_fashion_mnist_comes_from_its_own_keras_loader(monkeypatch, tiny_arrays)
     monkeypatch.setattr(tf.keras.datasets.fashion_mnist, "load_data",
                         lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", lambda: pytest.fail("not MNIST"))
-    assert_same_as(dataset.load_mnist(name="fashion_mnist"), tiny_arrays)
+    assert_same_as(dataset.load_data(name="fashion_mnist").splits, tiny_arrays)

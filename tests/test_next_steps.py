@@ -111,7 +111,7 @@ def test_cifar10_comes_from_its_keras_loader_with_labels_of_shape_n_1(monkeypatc
     a = colour_arrays(40, 20)  # a stand-in: CIFAR-10 cannot be downloaded here
     monkeypatch.setattr(tf.keras.datasets.cifar10, "load_data",
                         lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
-    (x_train, y_train), (x_test, y_test) = dataset.load_mnist(name="cifar10")
+    (x_train, y_train), (x_test, y_test) = dataset.load_data(name="cifar10").splits
     assert x_train.shape == (40, 32, 32, 3) and y_train.shape == (40,)
     np.testing.assert_array_equal(y_test, a["y_test"][:, 0])
 

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.skipif(not REAL_DATA, reason="set CVAE_DATA to the real
 
 
 def test_the_real_data_is_mnist():
-    (x_train, y_train), (x_test, y_test) = dataset.load_mnist(REAL_DATA)
+    (x_train, y_train), (x_test, y_test) = dataset.load_data(REAL_DATA).splits
     assert x_train.shape == (60_000, 28, 28) and x_test.shape == (10_000, 28, 28)
     np.testing.assert_array_equal(np.unique(dataset.binarize(x_test[:500])), [0.0, 1.0])
     assert set(np.unique(y_train)) == set(range(10)) == set(np.unique(y_test))
 
 
 def test_one_epoch_on_2000_images_improves_the_test_elbo(tmp_path):
-    (x_train, _), (x_test, _) = dataset.load_mnist(REAL_DATA, train_size=2000)
+    (x_train, _), (x_test, _) = dataset.load_data(REAL_DATA, train_size=2000).splits
     tf.keras.utils.set_random_seed(0)
     model = network.CVAE(train.LATENT_DIM)
     metrics = train.fit(model, tf.keras.optimizers.Adam(train.LEARNING_RATE),

@@ -1,0 +1,97 @@
+"""Image files into pixels: Pillow decodes them on every core into a .npy file in the
+cache folder, which later runs on the same files and settings map into memory instead of
+decoding them again (an image's uint8 pixels stay on disk until a batch needs them)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from machinery import cli, files
+from machinery.cli import UserError
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+CACHE_ENV_VAR = "CVAE_CACHE"
+WORKERS = os.cpu_count() or 1
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # Pillow's errors
+
+
+def cache_folder() -> Path:
+    """Where decoded folders are kept: $CVAE_CACHE, else ~/.cache/cvae-tensorflow."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "cvae-tensorflow")
+
+
+def in_parallel(job: Callable, items: Sequence, progress: str | None = None) -> list:
+    """job(item) for every item on every core (Pillow and hashlib let go of the GIL),
+    with a progress bar where there is much to do; the first error stops them all."""
+    bar = None
+    if progress and len(items) >= 2000:
+        bar = tf.keras.utils.Progbar(len(items), verbose=1 if sys.stdout.isatty() else 2,
+                                     unit_name=progress)
+    results = [None] * len(items)
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        futures = {pool.submit(job, item): i for i, item in enumerate(items)}
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                if bar and (done % 500 == 0 or done == len(items)):
+                    bar.update(done)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def decode(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image as uint8 (height, width, channels): the first frame, transparency composited
+    on white, centre-cropped to the aspect ratio of `size` (height, width) and resized."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in image.info:
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+            image = image.convert("L" if channels == 1 else "RGB")
+            height, width = size
+            if image.size != (width, height):
+                image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
+            return np.asarray(image).reshape(height, width, channels)
+    except UNREADABLE as error:
+        raise UserError(f"{path}: cannot decode it ({cli.first_line(error)})") from None
+
+
+def decoded(paths: Sequence[Path], fingerprint: str, size: tuple[int, int], channels: int) -> np.ndarray:
+    """The images at `paths` as uint8 (N, height, width, channels), mapped from the cache
+    file of their `fingerprint`; decoded into it first if it is not there."""
+    path = cache_folder() / f"{fingerprint[:32]}.npy"
+    shape = (len(paths), *size, channels)
+    if path.is_file():
+        try:
+            images = np.load(path, mmap_mode="r")
+            if images.shape == shape and images.dtype == np.uint8:
+                return images
+        except (OSError, ValueError):
+            pass  # damaged: decode again
+    files.ensure_out_dir(path.parent, flag=f"the cache folder (${CACHE_ENV_VAR})")
+    print(f"Decoding {len(paths):,} images into {path} (kept for later runs)")
+    with files.atomic_path(path) as tmp:
+        _decode_into(tmp, paths, size, channels)
+    return np.load(path, mmap_mode="r")
+
+
+def _decode_into(file: Path, paths: Sequence[Path], size: tuple[int, int], channels: int) -> None:
+    """Decode `paths` on every core into a new .npy `file`, closed once written."""
+    images = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8, shape=(len(paths), *size, channels))
+
+    def into_place(index: int) -> None:
+        images[index] = decode(paths[index], size, channels)
+
+    in_parallel(into_place, range(len(paths)), "image")
+    images.flush()
