@@ -64,7 +64,7 @@ MATMUL_SIZE = 2048
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Time training and evaluation against the "
                                             "tutorial's recipe; print a table, write JSON.")
-    dataset.add_data_flags(parser, variants.DATASETS, pictures=False)
+    dataset.add_data_flags(parser, variants.DATASETS, pictures=False, folders=False)
     parser.add_argument("--train-size", type=cli.positive_int, default=None,
                         help="images in a timed epoch (default: all 60,000)")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 CACHE_ENV_VAR = "CVAE_CACHE"
 WORKERS = os.cpu_count() or 1
+CHUNK = 250  # files a task: fewer tasks, less of the thread pool's overhead
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # Pillow's errors
 
 
@@ -27,24 +28,24 @@ def cache_folder() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "cvae-tensorflow")
 
 
-def in_parallel(job: Callable, items: Sequence, progress: str | None = None) -> list:
-    """job(item) for every item on every core (Pillow and hashlib let go of the GIL),
-    with a progress bar where there is much to do; the first error stops them all."""
+def in_parallel(job: Callable, items: Sequence, progress: str | None = None,
+                workers: int = WORKERS) -> list:
+    """[job(item) for item in items] in `workers` threads (Pillow's decoders let go of the
+    GIL), in chunks, with a progress bar where there is much to do."""
+    chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
     bar = None
     if progress and len(items) >= 2000:
         bar = tf.keras.utils.Progbar(len(items), verbose=1 if sys.stdout.isatty() else 2,
                                      unit_name=progress)
-    results = [None] * len(items)
-    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        futures = {pool.submit(job, item): i for i, item in enumerate(items)}
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                if bar and (done % 500 == 0 or done == len(items)):
-                    bar.update(done)
-        except BaseException:
-            for future in futures:
-                future.cancel()
+            for chunk_results in pool.map(lambda chunk: [job(item) for item in chunk], chunks):
+                results += chunk_results
+                if bar:
+                    bar.update(len(results))
+        except BaseException:  # the first error (or Ctrl-C) stops the chunks not yet started
+            pool.shutdown(cancel_futures=True)
             raise
     return results
 
@@ -76,6 +77,7 @@ def decoded(paths: Sequence[Path], fingerprint: str, size: tuple[int, int], chan
         try:
             images = np.load(path, mmap_mode="r")
             if images.shape == shape and images.dtype == np.uint8:
+                print(f"Images decoded by an earlier run, from {path}")
                 return images
         except (OSError, ValueError):
             pass  # damaged: decode again

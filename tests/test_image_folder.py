@@ -11,9 +11,8 @@ from machinery.cli import UserError
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import assert_one_line_error, run_main, run_script
+from PIL import Image
 
 import dataset
 import train

@@ -90,7 +90,8 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
 
 
 @pytest.mark.parametrize("script, flags", [
-    ("dataset.py", ["--data", "--dataset", "--likelihood", "--batch-size", "--out-dir"]),
+    ("dataset.py", ["--data", "--dataset", "--image-size", "--channels", "--test-fraction",
+                    "--likelihood", "--batch-size", "--out-dir"]),
     ("network.py", ["--latent-dim", "--filters", "--likelihood", "--batch-size", "--from"]),
     ("export.py", ["--out-dir"]),
     ("evaluate.py", ["--out-dir", "--iw-samples", "--test-size", "--data", "--seed"]),
@@ -98,7 +99,8 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
                      "--npy"]),
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--filters",
                   "--likelihood", "--kl", "--precision",
-                  "--seed", "--data", "--dataset", "--train-size", "--test-size", "--out-dir",
+                  "--seed", "--data", "--dataset", "--image-size", "--channels", "--test-fraction",
+                  "--train-size", "--test-size", "--out-dir",
                   "--resume", "--overwrite", "--strategy", "--devices", "--shards"]),
     ("benchmarks/benchmark.py", ["--data", "--dataset", "--train-size", "--repeats", "--steps",
                                  "--batch-size", "--iw-samples", "--variants", "--out-dir"]),
