@@ -58,7 +58,6 @@ def test_the_loops_train_step_adds_gradients_two_at_a_time(precision, kl, shards
     loop = steps.StepLoop(functools.partial(train.train_step, kl=kl), model,
                           tf.keras.optimizers.Adam(1e-4), tf.random.Generator.from_seed(0), shards=shards)
     graph = loop._steps.get_concrete_function(
-        tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)
-    ).graph.as_graph_def()
+        tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32)).graph.as_graph_def()
     sizes = sum_sizes(graph)
     assert sizes and max(sizes) == 2, sizes
