@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood"
           if likelihood == "bernoulli" else
           "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood", end="")
-    print(f" (the first {INSPECTED:,} images of a split):")
+    print(f" (up to {INSPECTED:,} images of each split):")
     prepared = {name: preprocess(with_channels(images[:INSPECTED]), likelihood).numpy()
                 for name, (images, _) in splits.items()}
     for name, images in prepared.items():

@@ -188,8 +188,9 @@ def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path
     titles = [f"test {start}"] + [f"{w:.2f}" for w in weights] + [f"test {end}"]
     figure = Figure(figsize=(len(row) * 1.0, 1.6))
     image_grid(figure, row, len(row), titles)
-    figure.suptitle(f"From a {start} to a {end} in latent space" if len(names) > 1
-                    else "From one test image to another in latent space")
+    article = {name: "an" if name[0].lower() in "aeiou" else "a" for name in (start, end)}
+    figure.suptitle(f"From {article[start]} {start} to {article[end]} {end} in latent space"
+                    if len(names) > 1 else "From one test image to another in latent space")
     save_figure(figure, path, bbox_inches="tight")
 
 

@@ -35,11 +35,9 @@ def crops(photos: Path, out: Path, per_class: int, seed: int) -> None:
                 crop.save(folder / f"{i:04d}.jpg", quality=90)
             elif kind == 1:
                 crop.convert("L").save(folder / f"{i:04d}.png")
-            elif kind == 2:  # a transparent border: composited on white when read
+            elif kind == 2:  # with an alpha channel, opaque but for one corner pixel
                 rgba = crop.convert("RGBA")
-                alpha = np.full((side, side), 255, np.uint8)
-                alpha[:4], alpha[-4:] = 0, 0
-                rgba.putalpha(Image.fromarray(alpha))
+                rgba.putpixel((0, 0), (0, 0, 0, 0))
                 rgba.save(folder / f"{i:04d}.png")
             else:
                 crop.save(folder / f"{i:04d}.png")

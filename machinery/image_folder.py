@@ -99,8 +99,8 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"{report['resized']:,} centre-cropped and resized, {report['upscaled']:,} of "
                      f"them upscaled (smaller than the size asked for)")
     if left_out := report["left_out"]:
-        lines.append(f"{len(left_out):,} files left out, not images by their extension: "
-                     f"{', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}")
+        lines.append(f"{len(left_out):,} file{'s' * (len(left_out) > 1)} left out, not images by "
+                     f"their extension: {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}")
     return lines
 
 
