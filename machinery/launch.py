@@ -43,6 +43,8 @@ def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_fo
         print(distribute.describe(strategy, shards))
         if run.config["precision"] == "bf16" and (warning := hardware.bf16_warning()):
             print(warning)
+        for line in run.data_report:
+            print(f"Data: {line}")
         print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
               f"writing to {out_dir}/")
         # The same seed must give the same run: the weights start from it, and deterministic

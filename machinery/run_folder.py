@@ -209,6 +209,7 @@ class Run:
     train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
     test_labels: np.ndarray
     resume_from: str | None  # the checkpoint to continue from, if any
+    data_report: list[str] = dataclasses.field(default_factory=list)  # a folder's: what became of its files
 
 
 def hold(out_dir: Path) -> None:
@@ -292,4 +293,4 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
     with files.atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return Run(config, out_dir, dataset.with_channels(train_images), dataset.with_channels(test_images),
-               train_labels, test_labels, resume_from)
+               train_labels, test_labels, resume_from, image_folder.report_lines(data.folder_report or {}))
