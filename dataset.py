@@ -26,6 +26,7 @@ import network
 import pictures
 
 DATA_ENV_VAR = "CVAE_DATA"
+SEED = 42  # train.py's default --seed, which also draws a folder's test split
 LEVELS_8BIT = np.arange(256, dtype=np.float32) / 255.  # a pixel's value for the logistic likelihood
 INSPECTED = 10_000  # images of a split that python dataset.py looks at pixel by pixel
 EVAL_BATCH_SIZE = 1000  # 28x28 test images a batch of the test ELBO (its noise is drawn a batch at a time)
@@ -80,18 +81,19 @@ class Data:
 
 def load_data(
     path: str | None = None, train_size: int | None = None, test_size: int | None = None,
-    name: str = "mnist", folder: image_folder.Settings | None = None,
+    name: str = "mnist", folder: image_folder.Settings | None = None, expected: str | None = None,
 ) -> Data:
     """The data at `path`: a .npz file, an IDX folder or a folder of images (read as
     `folder` says); None means $CVAE_DATA, then the Keras download of `name` (mnist,
     fashion_mnist or cifar10). `train_size` / `test_size` keep only the first N images of a split.
+    A folder whose fingerprint is not `expected` is refused before it is decoded.
     """
     path, folder = data_source(path), folder or image_folder.Settings()
     arrays, source = None, path or "the Keras download"
     if path is not None and not Path(path).exists():
         raise UserError(f"{path}: no such file or folder")
     if path is not None and Path(path).is_dir() and image_folder.is_image_folder(Path(path)):
-        arrays = image_folder.load(Path(path), folder)
+        arrays = image_folder.load(Path(path), folder, expected)
     elif folder.image_size or folder.channels:
         raise UserError("--image-size and --channels are for a folder of images; "
                         f"{source} is not one")
@@ -139,11 +141,9 @@ def _download(name: str) -> dict[str, np.ndarray]:
     try:
         (x_train, y_train), (x_test, y_test) = KERAS_DATASETS[name].load_data()
     except Exception as error:  # noqa: BLE001 - any network or cache failure ends the same way
-        reason = cli.first_line(error)
-        raise UserError(
-            f"could not download {TITLES[name]} ({reason}); pass a local copy with --data PATH "
-            f"or {DATA_ENV_VAR}=PATH (a Keras .npz or a folder of IDX files)"
-        ) from None
+        raise UserError(f"could not download {TITLES[name]} ({cli.first_line(error)}); pass a local "
+                        f"copy with --data PATH or {DATA_ENV_VAR}=PATH (a Keras .npz or a folder of "
+                        f"IDX files)") from None
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
@@ -162,8 +162,7 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..{num_classes - 1}")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected "
-                        f"0..{num_classes - 1}")
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, not 0..{num_classes - 1}")
 
 
 # ----------------------------------------------------------------------------
@@ -237,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--likelihood", choices=network.LIKELIHOODS, default=None,
                         help="show the images as this p(x|z) takes them: binarized (bernoulli) "
                              "or 8-bit (logistic) (default: bernoulli for grey, logistic for colour)")
+    parser.add_argument("--seed", type=cli.seed_int, default=SEED, help="the seed of a folder's split")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")

@@ -34,7 +34,7 @@ EPOCHS = 10
 LATENT_DIM = network.LATENT_DIM
 BATCH_SIZE = 32
 LEARNING_RATE = 1e-4
-SEED = 42
+SEED = dataset.SEED  # 42
 
 
 def build_parser() -> argparse.ArgumentParser:

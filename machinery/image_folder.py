@@ -198,7 +198,11 @@ def _settle_shape(folder: Path, sizes: list[tuple[int, int]], modes: Iterable[st
     return (height, width), channels
 
 
-def load(folder: Path, settings: Settings) -> dict:
+class Changed(UserError):
+    """The folder's fingerprint is not the one expected (a run's): found before decoding."""
+
+
+def load(folder: Path, settings: Settings, expected: str | None = None) -> dict:
     """The folder as arrays: x_train, y_train, x_test, y_test (uint8, images memory-mapped
     from the cache), with class_names, fingerprint and a report of what was found."""
     listing = list_images(folder, settings)
@@ -214,6 +218,8 @@ def load(folder: Path, settings: Settings) -> dict:
     for path, label, file_digest in zip(listing.files, listing.labels.tolist(), digests):
         digest.update(f"{path.relative_to(folder)}\0{label}\0{file_digest}\n".encode())
     fingerprint = digest.hexdigest()
+    if expected and fingerprint != expected:
+        raise Changed(f"{folder} has changed")
     images = image_decoding.decoded(listing.files, fingerprint, (height, width), channels)
 
     pixels = sorted(sizes, key=lambda size: size[0] * size[1])

@@ -125,9 +125,12 @@ def load_config(out_dir: Path) -> dict:
 def load_run_data(config: dict, source: str | None, out_dir: Path, check: bool) -> dataset.Data:
     """The run's data as its config says; with `check`, refuse data whose fingerprint is
     not the one the run was trained on (a folder's: its files, and how they were read)."""
-    data = dataset.load_data(source, config["train_size"], config["test_size"], config["dataset"],
-                             image_folder.settings(config))
-    if check and data.fingerprint != config["data_sha256"]:
+    try:
+        data = dataset.load_data(source, config["train_size"], config["test_size"], config["dataset"],
+                                 image_folder.settings(config), config["data_sha256"] if check else None)
+    except image_folder.Changed:
+        data = None
+    if check and (data is None or data.fingerprint != config["data_sha256"]):
         raise cli.UserError(f"the data from {source or 'the Keras download'} is not the data the "
                             f"run in {out_dir} was trained on (a file added, removed or changed?); "
                             f"pass that with --data")

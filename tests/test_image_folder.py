@@ -190,6 +190,8 @@ def test_a_folder_from_the_data_to_every_script(tmp_path, capsys, monkeypatch):
     assert "4 images decoded" in capsys.readouterr().out
 
     picture(20, 24, seed=7).save(photos / "cats" / "000.png")  # a changed picture
+    cached = sorted(image_decoding.cache_folder().glob("*.npy"))
     code, stderr = run_main(train.main, ["--out-dir", run, "--resume", "--epochs", "2"], "train.py",
                             capsys, monkeypatch)
     assert_one_line_error(stderr, "train.py", "is not the data the run", 2, code)
+    assert sorted(image_decoding.cache_folder().glob("*.npy")) == cached  # refused before decoding

@@ -91,7 +91,7 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
 
 @pytest.mark.parametrize("script, flags", [
     ("dataset.py", ["--data", "--dataset", "--image-size", "--channels", "--test-fraction",
-                    "--likelihood", "--batch-size", "--out-dir"]),
+                    "--likelihood", "--seed", "--batch-size", "--out-dir"]),
     ("network.py", ["--latent-dim", "--filters", "--likelihood", "--batch-size", "--from"]),
     ("export.py", ["--out-dir"]),
     ("evaluate.py", ["--out-dir", "--iw-samples", "--test-size", "--data", "--seed"]),
