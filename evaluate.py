@@ -199,13 +199,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
               "image_shape": config["image_shape"], "likelihood": config["likelihood"],
-              "kl_estimator": config["kl"], "seed": args.seed, **figures}
+              "kl_estimator": config["kl"], "beta": config["beta"], "seed": args.seed, **figures}
     with files.atomic_path(out_dir / "evaluation.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     def line(name: str, figure: dict) -> str:
         return f"  {name:38s} {figure['mean']:9.2f} +- {figure['stderr']:.2f}"
 
+    if config["beta"] != 1:
+        print(f"(trained with --beta {config['beta']:g}; these are the ELBO and its parts, B = 1)")
     print(line("ELBO", figures["elbo"]))
     print(line("  reconstruction log-likelihood", figures["reconstruction_log_likelihood"]))
     print(line("  KL(q(z|x) || p(z))", figures["kl"]))

@@ -158,7 +158,8 @@ def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
     return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1. - logvar, axis=1)
 
 
-def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
+def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc",
+                 beta: float = 1.) -> tf.Tensor:
     mean, logvar = model.encode(x)
     z = model.reparameterize(mean, logvar, eps)
     x_logit = model.decode(z)
@@ -168,9 +169,11 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
         cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
         logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
     if kl == "analytic":  # --kl analytic: the KL term in closed form, for logqz_x - logpz
-        return -tf.reduce_mean(logpx_z - analytic_kl(mean, logvar))
+        return -tf.reduce_mean(logpx_z - beta * analytic_kl(mean, logvar))
     logpz = log_normal_pdf(z, 0., 0.)
     logqz_x = log_normal_pdf(z, mean, logvar)
+    if beta != 1.:  # --beta B, a beta-VAE: the KL term weighed by B (B = 1 is the ELBO itself)
+        return -tf.reduce_mean(logpx_z + beta * (logpz - logqz_x))
     return -tf.reduce_mean(logpx_z + logpz - logqz_x)
 
 

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
+    parser.add_argument("--beta", type=cli.non_negative_float, default=1.0,
+                        help="weight of the KL term in the training loss (a beta-VAE); the test "
+                             "ELBO and evaluate.py's figures are the ELBO itself, B = 1")
     parser.add_argument("--precision", choices=tuple(network.PRECISIONS), default="fp32",
                         help="bf16: Keras mixed_bfloat16 for the hidden layers (faster where the "
                              "hardware has bfloat16 maths), with the loss and sampling in float32")
@@ -76,14 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
-               eps: tf.Tensor | None = None, kl: str = "mc") -> tf.Tensor:
+               eps: tf.Tensor | None = None, kl: str = "mc", beta: float = 1.) -> tf.Tensor:
     """Executes one training step and returns the loss.
 
     This function computes the loss and gradients, and uses the latter to
     update the model's parameters.
     """
     with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps, kl)
+        loss = network.compute_loss(model, x, eps, kl, beta)
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
@@ -105,7 +108,7 @@ def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) 
 
 def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc",
+        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc", beta: float = 1.,
         strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> list[dict]:
     """Train to `epochs`, with the test ELBO, the 4x4 grid, the metrics and a checkpoint
     before training and after every epoch; return the metrics. `resume_from`: the
@@ -115,7 +118,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
     prepare = functools.partial(dataset.preprocess, likelihood=model.likelihood)
     state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare)
-    step_loop = steps.StepLoop(functools.partial(train_step, kl=kl), model, optimizer, state.rng,
+    step_loop = steps.StepLoop(functools.partial(train_step, kl=kl, beta=beta), model, optimizer, state.rng,
                                strategy=strategy, shards=shards, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
@@ -191,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         speed.use_fast_kernels(model)  # same variables, same maths: see machinery/speed.py
         fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
             batch_size=config["batch_size"], seed=config["seed"], out_dir=run.out_dir,
-            resume_from=run.resume_from, kl=config["kl"], strategy=devices.strategy,
+            resume_from=run.resume_from, kl=config["kl"], beta=config["beta"], strategy=devices.strategy,
             shards=devices.shards)
         if devices.chief:
             save_final_outputs(model, config, run.out_dir)

@@ -81,6 +81,7 @@ def _number(kind: type, minimum: float, what: str,
 positive_int = _number(int, 1, "a whole number >= 1")
 non_negative_int = _number(int, 0, "a whole number >= 0")
 seed_int = _number(int, 0, "a whole number from 0 to 2**32 - 1", maximum=2**32 - 1)
+non_negative_float = _number(float, 0, "a finite number >= 0", maximum=sys.float_info.max)
 positive_float = _number(float, sys.float_info.min, "a finite number > 0", maximum=sys.float_info.max)
 fraction = _number(float, sys.float_info.min, "a number between 0 and 1", maximum=1 - sys.float_info.epsilon)
 

@@ -45,6 +45,9 @@ def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_fo
             print(warning)
         for line in run.data_report:
             print(f"Data: {line}")
+        if run.config["beta"] != 1:
+            print(f"The training loss weighs the KL term by --beta {run.config['beta']:g}; the test "
+                  f"ELBO is the ELBO itself (B = 1)")
         print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
               f"writing to {out_dir}/")
         # The same seed must give the same run: the weights start from it, and deterministic

@@ -31,18 +31,18 @@ OUT_DIR = "output"
 # (--epochs may change: resuming with more epochs trains a finished run further.)
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
                 "kl", "dataset", "precision", "filters", "likelihood", "image_size", "channels",
-                "test_fraction")
+                "test_fraction", "beta")
 # What runs from before a setting existed used, for --resume and evaluate.py.
 SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32", "filters": None,
                     "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE),
-                    "image_size": None, "channels": None,
+                    "image_size": None, "channels": None, "beta": 1.0,
                     "test_fraction": image_folder.DEFAULT_TEST_FRACTION, "class_names": None}
 CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
                 "kl": str, "dataset": str, "precision": str, "filters": (int, type(None)),
                 "likelihood": str, "image_shape": list, "data": (str, type(None)),
                 "data_sha256": str, "image_size": (list, type(None)), "channels": (int, type(None)),
-                "test_fraction": float, "class_names": (list, type(None))}
+                "test_fraction": float, "class_names": (list, type(None)), "beta": (int, float)}
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",

@@ -98,7 +98,7 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
     ("generate.py", ["--out-dir", "--num", "--z", "--interpolate", "--steps", "--seed", "--out",
                      "--npy"]),
     ("train.py", ["--epochs", "--latent-dim", "--batch-size", "--learning-rate", "--filters",
-                  "--likelihood", "--kl", "--precision",
+                  "--likelihood", "--kl", "--beta", "--precision",
                   "--seed", "--data", "--dataset", "--image-size", "--channels", "--test-fraction",
                   "--train-size", "--test-size", "--out-dir",
                   "--resume", "--overwrite", "--strategy", "--devices", "--shards"]),

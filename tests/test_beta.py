@@ -1,0 +1,56 @@
+"""--beta: the training loss weighs the KL term; the figures reported stay the ELBO's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mnist_arrays, run_script
+
+import dataset
+import evaluate
+import network
+import train
+
+
+@pytest.mark.parametrize("kl", network.KL_ESTIMATORS)
+def test_beta_weighs_the_kl_term_and_one_is_the_elbo_to_the_bit(kl):
+    tf.keras.utils.set_random_seed(3)
+    model = network.CVAE(2)
+    x = dataset.binarize(make_mnist_arrays(num_train=8, num_test=0, seed=3)["x_train"])
+    eps = tf.random.stateless_normal((8, 2), seed=(3, 4))
+    elbo_loss = network.compute_loss(model, x, eps, kl)
+    assert network.compute_loss(model, x, eps, kl, beta=1.).numpy() == elbo_loss.numpy()
+    reconstruction = network.compute_loss(model, x, eps, kl, beta=0.)  # minus log p(x|z) alone
+    kl_term = elbo_loss - reconstruction
+    np.testing.assert_allclose(network.compute_loss(model, x, eps, kl, beta=4.),
+                               reconstruction + 4 * kl_term, rtol=1e-5)
+
+
+def test_a_larger_beta_lowers_the_kl_and_the_reported_elbo_is_the_elbo(tmp_path):
+    arrays = make_mnist_arrays(num_train=640, num_test=64, seed=2)
+    train_images, test_images = (dataset.with_channels(arrays[key]) for key in ("x_train", "x_test"))
+    figures = {}
+    for beta in (1., 4.):
+        tf.keras.utils.set_random_seed(2)
+        model = network.CVAE(2)
+        metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), train_images, test_images, epochs=3,
+                            batch_size=32, seed=2, out_dir=tmp_path / str(beta), beta=beta)
+        figures[beta] = evaluate.evaluate_run(model, dataset.binarize(test_images).numpy(),
+                                              iw_samples=2, kl="mc", seed=0)
+        # The test ELBO of metrics.csv is the ELBO (B = 1) of the trained model, as evaluate.py's.
+        assert abs(metrics[-1]["test_elbo"] - figures[beta]["elbo"]["mean"]) < 3
+    assert figures[4.]["kl"]["mean"] < 0.5 * figures[1.]["kl"]["mean"], figures
+
+
+def test_train_py_records_beta_and_evaluate_py_reports_it(tmp_path, tiny_npz):
+    run = tmp_path / "run"
+    trained = run_script("train.py", "--data", tiny_npz, "--epochs", "1", "--beta", "4",
+                         "--out-dir", run)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "weighs the KL term by --beta 4" in trained.stdout
+    assert json.loads((run / "config.json").read_text())["beta"] == 4.0
+    evaluate.main(["--out-dir", str(run), "--iw-samples", "2", "--data", str(tiny_npz)])
+    assert json.loads((run / "evaluation.json").read_text())["beta"] == 4.0
