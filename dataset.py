@@ -162,7 +162,8 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..{num_classes - 1}")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, not 0..{num_classes - 1}")
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected "
+                        f"0..{num_classes - 1}")
 
 
 # ----------------------------------------------------------------------------

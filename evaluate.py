@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, files, resumable, run_folder, speed, steps
+from machinery import cli, distribute, files, projector, records, resumable, run_folder, speed, steps
 
 import numpy as np
 import tensorflow as tf
@@ -68,38 +68,47 @@ LossFunction = steps.LossFunction
 
 
 def losses_of_each_image(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
-                         eps: tf.Tensor, kl: str = "mc") -> tf.Tensor:
-    """compute_loss of each image of `x` alone, with its noise eps[i]: (batch,).
-    tf.vectorized_map runs compute_loss on batches of one image, all at once."""
-    return tf.vectorized_map(lambda pair: compute_loss(model, pair[0][None], pair[1][None], kl),
-                             (x, eps), fallback_to_while_loop=False)
+                         eps: tf.Tensor, kl: str = "mc", y: tf.Tensor | None = None) -> tf.Tensor:
+    """compute_loss of each image of `x` alone, with its noise eps[i] (and its class y[i], for
+    a conditional model): (batch,). tf.vectorized_map runs compute_loss on batches of one
+    image, all at once."""
+    def of_one_image(item: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        return compute_loss(model, item[0][None], item[1][None], kl, **classes_of(item))
+    return tf.vectorized_map(of_one_image, (x, eps) if y is None else (x, eps, y),
+                             fallback_to_while_loop=False)
+
+
+def classes_of(item: tuple[tf.Tensor, ...]) -> dict:
+    """compute_loss's y for one image of (image, noise[, class]): {} for a model of no classes."""
+    return {"y": item[2][None]} if len(item) > 2 else {}
 
 
 @tf.function
 def elbo_parts(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor, eps: tf.Tensor,
-               kl: str) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+               kl: str, y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Each image's ELBO, log p(x|z) and KL term, from one draw z (noise eps): the ELBO is
     minus compute_loss; log p(x|z) is minus compute_loss with the KL in closed form, plus
     that closed form; the KL term is what the ELBO takes from log p(x|z)."""
-    elbo = -losses_of_each_image(compute_loss, model, x, eps, kl)
-    mean, logvar = model.encode(x)
-    logpx_z = (-losses_of_each_image(compute_loss, model, x, eps, "analytic")
+    elbo = -losses_of_each_image(compute_loss, model, x, eps, kl, y)
+    mean, logvar = model.encode(x, y)
+    logpx_z = (-losses_of_each_image(compute_loss, model, x, eps, "analytic", y)
                + network.analytic_kl(mean, logvar))
     return elbo, logpx_z, logpx_z - elbo
 
 
 @tf.function
 def log_weights(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
-                eps: tf.Tensor) -> tf.Tensor:
+                eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
     """The log importance weights log p(x, z_k) / q(z_k|x) of each image of `x` and draw z_k
     (noise eps: batch, k, latent): (batch, k). Each is minus compute_loss of the image and
     z_k; the encoder's ops do not depend on z_k, so tf.vectorized_map runs them once per
     image, not k times."""
-    def of_one_image(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
-        image, noise = pair
-        return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None]), noise,
-                                  fallback_to_while_loop=False)
-    return tf.vectorized_map(of_one_image, (x, eps), fallback_to_while_loop=False)
+    def of_one_image(item: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        image, noise = item[:2]
+        return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None], **classes_of(item)),
+                                  noise, fallback_to_while_loop=False)
+    return tf.vectorized_map(of_one_image, (x, eps) if y is None else (x, eps, y),
+                             fallback_to_while_loop=False)
 
 
 def noise(seed: int, batch: int, purpose: int, shape: Sequence[int]) -> tf.Tensor:
@@ -116,11 +125,11 @@ def decodes_per_call(model: network.CVAE) -> int:
     return max(1, DECODES_PER_CALL * TUTORIALS_LARGEST_ACTIVATION // widest)
 
 
-def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
+def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None) -> np.ndarray:
     """log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) from the noise eps (batch, K,
     latent), per image: a lower bound on log p(x) that tightens as K grows, and the
-    single-sample ELBO when K = 1. The K draws go in chunks, combined by a running
-    log-sum-exp, so memory is bounded for any K and the sum never leaves log space."""
+    single-sample ELBO when K = 1 (of log p(x|y), given a conditional model's classes y). The
+    K draws go in chunks, combined by a running log-sum-exp: memory bounded for any K."""
     k = eps.shape[1]
     chunks = math.ceil(k / max(1, decodes_per_call(model) // len(x)))
     chunk = math.ceil(k / chunks)  # all chunks alike: one trace of log_weights
@@ -128,7 +137,7 @@ def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor) -> np.ndarray:
     for start in range(0, k, chunk):
         draws = eps[:, start:start + chunk]
         padded = tf.pad(draws, [[0, 0], [0, chunk - draws.shape[1]], [0, 0]])  # the last chunk
-        weights = log_weights(network.compute_loss, model, x, padded)[:, :draws.shape[1]]
+        weights = log_weights(network.compute_loss, model, x, padded, y)[:, :draws.shape[1]]
         total = tf.reduce_logsumexp(tf.concat([total, weights], axis=1), axis=1, keepdims=True)
     return (total[:, 0] - math.log(k)).numpy()
 
@@ -139,12 +148,19 @@ def mean_and_stderr(values: np.ndarray) -> dict:
 
 
 def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl: str,
-                 seed: int, kept: Path | None = None, work: dict | None = None) -> dict:
+                 seed: int, kept: Path | None = None, work: dict | None = None,
+                 labels: np.ndarray | None = None, class_prior: np.ndarray | None = None) -> dict:
     """The test figures of `model` on `images`: the ELBO, its two parts, and the IWAE bound.
     The IWAE bound's batches are kept in `kept` as they finish (the work that `work`
-    describes), so that the same evaluation asked for again goes on from there."""
-    parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)), kl)
-             for i, x in enumerate(dataset.make_batches(images, dataset.eval_batch_size(model.image_shape)))]
+    describes), so that the same evaluation asked for again goes on from there. A conditional
+    model's figures are given the `labels`; its log p(x) sums p(y) p(x|y) over the classes,
+    p(y) the `class_prior`, and it is scored as a classifier, argmax_y p(y) p(x|y)."""
+    labels = np.zeros(len(images), np.int32) if labels is None else labels.astype(np.int32)
+    given = model.num_classes > 0  # whether the model takes the classes
+    parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)),
+                        kl, y if given else None)
+             for i, (x, y) in enumerate(dataset.make_batches((images, labels),
+                                                             dataset.eval_batch_size(model.image_shape)))]
     elbo, logpx_z, kl_term = (np.concatenate([part[j].numpy() for part in parts]) for j in range(3))
     batches = resumable.BatchResults(kept, {"iw_samples": iw_samples, "seed": seed, **(work or {})},
                                      len(images))
@@ -153,11 +169,22 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     done = 0
     for i, x in enumerate(dataset.make_batches(images, IWAE_IMAGES)):
         done += len(x)
-        batches.batch(i, lambda x=x, i=i: iwae_bound(
-            model, x, noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))), done)
-    iwae = batches.all()
+        draws = noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))  # the same for every class
+        batches.batch(i, lambda x=x, draws=draws: np.stack(
+            [iwae_bound(model, x, draws, tf.fill([len(x)], c) if given else None)
+             for c in range(max(1, model.num_classes))], axis=1), done)
+    by_class = batches.all()  # (images, classes): log p(x|y) for each class y; one column without
+    conditional = {}
+    if given:
+        log_joint = by_class + np.log(class_prior)  # log p(y) + log p(x|y)
+        iwae = tf.reduce_logsumexp(log_joint, axis=1).numpy()
+        conditional = {"conditional_log_likelihood": {"k": iw_samples, **mean_and_stderr(
+                           by_class[np.arange(len(images)), labels])},
+                       "accuracy": float(np.mean(np.argmax(log_joint, axis=1) == labels))}
+    else:
+        iwae = by_class[:, 0]
     dimensions = int(np.prod(model.image_shape))  # bits per dimension: -log2 p(x) per pixel channel
-    return {"elbo": mean_and_stderr(elbo),
+    return {**conditional, "elbo": mean_and_stderr(elbo),
             "reconstruction_log_likelihood": mean_and_stderr(logpx_z),
             "kl": mean_and_stderr(kl_term),
             "iwae_log_likelihood": {"k": iw_samples, **mean_and_stderr(iwae)},
@@ -193,9 +220,11 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"K = {args.iw_samples}")
 
     work = {"checkpoint": checkpoint_path, "data_sha256": config["data_sha256"],
-            "test_images": len(test_images)}  # what a kept evaluation must match to go on
+            "test_images": len(test_images), "classes": model.num_classes}  # what kept work must match
+    prior = np.bincount(data.train[1], minlength=len(names)) / len(data.train[1])  # p(y), for a conditional
     figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=config["kl"],
-                           seed=args.seed, kept=out_dir / KEPT_FILE, work=work)
+                           seed=args.seed, kept=out_dir / KEPT_FILE, work=work, labels=test_labels,
+                           class_prior=prior)
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
               "dataset": config["dataset"], "test_images": len(test_images),
               "image_shape": config["image_shape"], "likelihood": config["likelihood"],
@@ -212,22 +241,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(line("  reconstruction log-likelihood", figures["reconstruction_log_likelihood"]))
     print(line("  KL(q(z|x) || p(z))", figures["kl"]))
     print(line(f"log p(x), IWAE bound with K = {args.iw_samples}", figures["iwae_log_likelihood"]))
+    if model.num_classes:  # log p(x) sums p(y) p(x|y), a bound per class
+        print(line("log p(x|y), of the true class", figures["conditional_log_likelihood"]))
+        print(f"  {'accuracy, argmax_y p(y) p(x|y)':38s} {figures['accuracy']:9.4f}")
     print("(nats per image; +- one standard error over the test images)")
     what = "binarized pixel" if config["likelihood"] == "bernoulli" else "8-bit pixel channel"
     print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 
-    pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png", noun)
+    pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png", noun,
+                                  labels=test_labels)
     pictures.save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
-    pictures.save_latent_space(model, test_images, test_labels, out_dir / "latent_space.png", names)
-    pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
-    pictures.save_training_curves(run_folder.read_metrics(out_dir / "metrics.csv"),
+    means = pictures.latent_means(model, test_images, test_labels)
+    pictures.save_latent_space(means, test_labels, out_dir / "latent_space.png", names)
+    shown = projector.write(files.ensure_out_dir(out_dir / "tensorboard"), means, test_labels, names,
+                            test_images)
+    pictures.save_training_curves(records.read_metrics(out_dir / "metrics.csv"),
                                   out_dir / "training_curves.png")
     written = ["evaluation.json", "reconstructions.png", "prior_samples.png", "latent_space.png",
-               "interpolation.png", "training_curves.png"]
-    if config["latent_dim"] == 2:
+               "training_curves.png"]
+    if model.num_classes:  # a walk across classes, and the manifold, need a class to decode with
+        pictures.save_analogies(model, test_images[:pictures.ANALOGY_ROWS], test_labels,
+                                out_dir / "analogies.png", names)
+        written.append("analogies.png")
+    else:
+        pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
+        written.append("interpolation.png")
+    if config["latent_dim"] == 2 and not model.num_classes:
         pictures.save_latent_images(model, out_dir / "latent_manifold.png")
         written.append("latent_manifold.png")
-    print(f"Wrote {', '.join(written)} in {out_dir}/")
+    print(f"Wrote {', '.join(written)} in {out_dir}/, and the latent means of {shown:,} test images "
+          f"for TensorBoard's Projector (tensorboard --logdir {out_dir})")
 
 
 if __name__ == "__main__":

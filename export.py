@@ -23,21 +23,24 @@ import network
 
 
 def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
-    """The model's weights and two serving signatures: decode, the default, and encode."""
+    """The model's weights and two serving signatures: decode, the default, and encode (each
+    also taking the classes y, int32, for a conditional model)."""
     archive = tf.keras.export.ExportArchive()
     archive.track(model)
+    classes = [tf.TensorSpec((None,), tf.int32, name="y")] if model.num_classes else []
 
-    def decode(z: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": model.decode(z, apply_sigmoid=True)}  # what pictures show
+    def decode(z: tf.Tensor, *y: tf.Tensor) -> dict[str, tf.Tensor]:
+        # What pictures show: pixel probabilities (for the logistic, medians).
+        return {"probabilities": model.decode(z, apply_sigmoid=True, y=y[0] if y else None)}
 
-    def encode(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        mean, logvar = model.encode(images)
+    def encode(images: tf.Tensor, *y: tf.Tensor) -> dict[str, tf.Tensor]:
+        mean, logvar = model.encode(images, y[0] if y else None)
         return {"mean": mean, "logvar": logvar}
 
     archive.add_endpoint("decode", decode, input_signature=[
-        tf.TensorSpec((None, model.latent_dim), tf.float32, name="z")])
+        tf.TensorSpec((None, model.latent_dim), tf.float32, name="z"), *classes])
     archive.add_endpoint("encode", encode, input_signature=[
-        tf.TensorSpec((None, *model.image_shape), tf.float32, name="images")])
+        tf.TensorSpec((None, *model.image_shape), tf.float32, name="images"), *classes])
     return archive
 
 

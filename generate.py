@@ -56,6 +56,9 @@ def build_parser() -> cli.ArgumentParser:
                       help="decode this latent point, e.g. 0.5,-1.2 (repeat the flag for more)")
     what.add_argument("--interpolate", type=latent_point, nargs=2, metavar=("A", "B"),
                       help="decode a walk from latent point A to B, e.g. -2,0 2,0")
+    parser.add_argument("--label", default=None, metavar="L",
+                        help="the class a conditional model draws: its index or name (default: "
+                             "each class in turn)")
     parser.add_argument("--steps", type=cli.int_between(2, MAX_IMAGES), default=10,
                         help="points on the --interpolate walk, both ends included")
     parser.add_argument("--seed", type=cli.seed_int, default=0,
@@ -93,6 +96,26 @@ def latent_points(args: argparse.Namespace, latent_dim: int) -> tuple[np.ndarray
     return z, [], f"the prior N(0, I), seed {args.seed}"
 
 
+def class_labels(label: str | None, model: network.CVAE, names: Sequence[str], count: int,
+                 titles: list[str], about: str) -> tuple[tf.Tensor | None, list[str], str]:
+    """The classes a conditional model draws: --label's (an index or a class name), else each
+    class in turn, named in the titles; None for a model of no classes."""
+    if not model.num_classes:
+        if label is not None:
+            raise cli.UserError("--label is for a conditional model (train.py --conditional); this one "
+                                "takes no class")
+        return None, titles, about
+    names = list(names) if len(names) == model.num_classes else [str(i) for i in range(model.num_classes)]
+    if label is None:
+        classes = [i % model.num_classes for i in range(count)]
+        return tf.constant(classes, tf.int32), titles or [names[i] for i in classes], about
+    if label not in names and not (label.isdigit() and int(label) < model.num_classes):
+        raise cli.UserError(f"--label {label}: the model's classes are 0 to {model.num_classes - 1}: "
+                            f"{', '.join(names)}")
+    index = names.index(label) if label in names else int(label)
+    return tf.fill([count], index), titles, f"{about}, class {names[index]}"
+
+
 def save_images(probabilities: np.ndarray, titles: Sequence[str], title: str, path: Path,
                 columns: int) -> None:
     rows = math.ceil(len(probabilities) / columns)
@@ -118,13 +141,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if path.is_dir():
             raise cli.UserError(f"{path} is a folder; give --out a file name")
     model = network.load_model(args.out_dir)
+    names = (run_folder.class_names(run_folder.load_config(Path(args.out_dir)))
+             if (Path(args.out_dir) / "config.json").is_file() else ())
     z, titles, about = latent_points(args, model.latent_dim)
-    probabilities = model.sample(tf.constant(z)).numpy()  # what pictures show
+    labels, titles, about = class_labels(args.label, model, names, len(z), titles, about)
+    probabilities = model.sample(tf.constant(z), labels).numpy()  # what pictures show
 
     files.ensure_out_dir(out.parent, flag="--out's folder")
     columns = math.ceil(math.sqrt(len(z))) if not titles else min(len(z), 10)  # a square, or rows
-    noun = pictures.noun(run_folder.class_names(run_folder.load_config(Path(args.out_dir)))
-                         if (Path(args.out_dir) / "config.json").is_file() else ())
+    noun = pictures.noun(names)
     what = f"{len(z)} {noun if len(z) > 1 else noun[:-1]} decoded from {about}"
     save_images(probabilities, titles, what, out, columns)
     if args.npy:

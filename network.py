@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli  # for python network.py, below; the model and its loss need none of it
+from machinery import cli, model_size  # for python network.py, below; the model and its loss need none
 
 import numpy as np
 import tensorflow as tf
@@ -42,11 +42,15 @@ class CVAE(tf.keras.Model):
     """Convolutional variational autoencoder."""
 
     def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32", filters: int | None = None,
-                 image_shape: Sequence[int] = IMAGE_SHAPE, likelihood: str = "bernoulli") -> None:
+                 image_shape: Sequence[int] = IMAGE_SHAPE, likelihood: str = "bernoulli",
+                 num_classes: int = 0) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.precision = precision
         self.filters, self.image_shape, self.likelihood = filters, tuple(image_shape), likelihood
+        # num_classes (--conditional): q(z|x, y) and p(x|z, y) also take the one-hot class y, as
+        # more channels of the image and more inputs beside z. 0: the tutorial's CVAE.
+        self.num_classes = num_classes
         hidden = PRECISIONS[precision]  # the dtype policy of the hidden layers (--precision)
         # filters (--filters N, the tutorial's "Next steps"): N in every convolution but the last.
         height, width, channels = self.image_shape  # the decoder starts at a quarter of the size
@@ -54,7 +58,7 @@ class CVAE(tf.keras.Model):
         outputs = channels if likelihood == "bernoulli" else 2 * channels
         self.encoder = tf.keras.Sequential(
             [
-                tf.keras.layers.InputLayer(shape=self.image_shape),  # Keras 3 calls input_shape shape
+                tf.keras.layers.InputLayer(shape=(height, width, channels + num_classes)),  # Keras 3: shape
                 tf.keras.layers.Conv2D(
                     filters=filters or 32, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
                 tf.keras.layers.Conv2D(
@@ -68,7 +72,7 @@ class CVAE(tf.keras.Model):
 
         self.decoder = tf.keras.Sequential(
             [
-                tf.keras.layers.InputLayer(shape=(latent_dim,)),
+                tf.keras.layers.InputLayer(shape=(latent_dim + num_classes,)),
                 # float32: z in bfloat16 would keep 3 significant digits of the code.
                 tf.keras.layers.Dense(units=(height//4)*(width//4)*32, activation=tf.nn.relu,
                                       dtype="float32"),
@@ -90,15 +94,20 @@ class CVAE(tf.keras.Model):
     def get_config(self) -> dict:
         """What keras.saving.load_model passes back to __init__ to rebuild the model."""
         return {"latent_dim": self.latent_dim, "precision": self.precision, "filters": self.filters,
-                "image_shape": list(self.image_shape), "likelihood": self.likelihood}
+                "image_shape": list(self.image_shape), "likelihood": self.likelihood,
+                "num_classes": self.num_classes}
 
     @tf.function
-    def sample(self, eps: tf.Tensor | None = None) -> tf.Tensor:
+    def sample(self, eps: tf.Tensor | None = None, y: tf.Tensor | None = None) -> tf.Tensor:
         if eps is None:
             eps = tf.random.normal(shape=(100, self.latent_dim))
-        return self.decode(eps, apply_sigmoid=True)
+        return self.decode(eps, apply_sigmoid=True, y=y)
 
-    def encode(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    # y: the class of each image, for a conditional CVAE (--conditional); the tutorial's takes none.
+    def encode(self, x: tf.Tensor, y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        if y is not None:  # the one-hot y as more channels of every pixel
+            one_hot = tf.one_hot(y, self.num_classes, dtype=x.dtype)[:, tf.newaxis, tf.newaxis, :]
+            x = tf.concat([x, tf.broadcast_to(one_hot, [*tf.unstack(tf.shape(x)[:3]), self.num_classes])], -1)
         mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
         return mean, logvar
 
@@ -109,7 +118,9 @@ class CVAE(tf.keras.Model):
             eps = tf.random.normal(shape=tf.shape(mean))  # tf.shape: the batch may be unknown
         return eps * tf.exp(logvar * .5) + mean
 
-    def decode(self, z: tf.Tensor, apply_sigmoid: bool = False) -> tf.Tensor:
+    def decode(self, z: tf.Tensor, apply_sigmoid: bool = False, y: tf.Tensor | None = None) -> tf.Tensor:
+        if y is not None:  # --conditional: the one-hot y beside z
+            z = tf.concat([z, tf.one_hot(y, self.num_classes, dtype=z.dtype)], axis=1)
         logits = self.decoder(z)
         if apply_sigmoid:
             if self.likelihood == "logistic":  # what pictures show: each pixel's median
@@ -159,10 +170,10 @@ def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
 
 
 def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc",
-                 beta: float = 1.) -> tf.Tensor:
-    mean, logvar = model.encode(x)
+                 beta: float = 1., y: tf.Tensor | None = None) -> tf.Tensor:
+    mean, logvar = model.encode(x, y)  # y: the classes, for --conditional (None: the tutorial's)
     z = model.reparameterize(mean, logvar, eps)
-    x_logit = model.decode(z)
+    x_logit = model.decode(z, y=y)
     if model.likelihood == "logistic":  # --likelihood logistic: 8-bit pixels, not binarized
         logpx_z = tf.reduce_sum(discretized_logistic_log_prob(x, x_logit), axis=[1, 2, 3])
     else:
@@ -179,27 +190,6 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
 
 # ----------------------------------------------------------------------------
 # python network.py: what the model looks like
-
-
-def count_params(model: tf.keras.Model) -> int:
-    return int(sum(np.prod(weight.shape) for weight in model.weights))
-
-
-def layer_flops(layers: list[tf.keras.layers.Layer]) -> list[int]:
-    """Multiply-adds x 2 of each layer for one image, counted from the layer shapes."""
-    per_layer = []
-    for layer in layers:
-        if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # each input pixel spreads a kernel
-            _, height, width, channels = layer.input.shape
-            kernel = np.prod(layer.kernel_size)
-            per_layer.append(2 * height * width * channels * kernel * layer.filters)
-        elif isinstance(layer, tf.keras.layers.Conv2D):  # each output pixel gathers a kernel
-            _, height, width, filters = layer.output.shape
-            kernel = np.prod(layer.kernel_size) * layer.input.shape[-1]
-            per_layer.append(2 * height * width * filters * kernel)
-        elif isinstance(layer, tf.keras.layers.Dense):
-            per_layer.append(2 * layer.input.shape[-1] * layer.units)
-    return [int(flops) for flops in per_layer]
 
 
 def default_likelihood(channels: int) -> str:
@@ -272,10 +262,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = CVAE(args.latent_dim, filters=args.filters, likelihood=likelihood)
     model.encoder.summary()
     model.decoder.summary()
-    encoder_params, decoder_params = count_params(model.encoder), count_params(model.decoder)
+    encoder_params, decoder_params = map(model_size.count_params, (model.encoder, model.decoder))
     print(f"Parameters: encoder {encoder_params:,}, decoder {decoder_params:,}, "
           f"total {encoder_params + decoder_params:,}")
-    flops = sum(layer_flops(model.encoder.layers + model.decoder.layers))
+    flops = sum(model_size.layer_flops(model.encoder.layers + model.decoder.layers))
     print(f"FLOPs of one image's forward pass: {flops:,} (a train step: about three times that)")
 
     x = tf.zeros((args.batch_size, *model.image_shape))

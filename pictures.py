@@ -22,6 +22,7 @@ NUM_EXAMPLES_TO_GENERATE = 16  # the 4x4 grid saved every epoch
 DIGITS = tuple("0123456789")  # the class names of MNIST, the default
 MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 ENCODE_BATCH = 1000  # test images encoded a call, for the latent space
+ANALOGY_ROWS = 10  # test images in a conditional model's analogies.png
 
 
 def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
@@ -59,12 +60,13 @@ def save_preview(images: np.ndarray, labels: Sequence[int], path: Path, title: s
 
 
 def generate_and_save_images(model: CVAE, epoch: int, test_sample: tf.Tensor, eps: tf.Tensor,
-                             out_dir: Path) -> None:
+                             out_dir: Path, labels: np.ndarray | None = None) -> None:
     """Encode, reparameterize (noise `eps`) and decode `test_sample`; save the pixel
     probabilities (for the logistic, medians) as a 4x4 grid, image_at_epoch_NNNN.png."""
-    mean, logvar = model.encode(test_sample)
+    y = None if labels is None else tf.constant(labels, tf.int32)  # a conditional model's classes
+    mean, logvar = model.encode(test_sample, y)
     z = model.reparameterize(mean, logvar, eps)
-    predictions = model.sample(z)
+    predictions = model.sample(z, y)
     figure = Figure(figsize=(4, 4))
     image_grid(figure, predictions.numpy(), 4)
     save_figure(figure, grid_path(out_dir, epoch))
@@ -118,12 +120,18 @@ def noun(class_names: Sequence[str]) -> str:
     return "digits" if tuple(class_names) == DIGITS else "images"
 
 
+def classes(model: CVAE, labels: np.ndarray | None) -> tf.Tensor | None:
+    """The classes a conditional model is given (as int32); None for the tutorial's CVAE."""
+    return tf.constant(labels, tf.int32) if model.num_classes and labels is not None else None
+
+
 def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, what: str = "digits",
-                         count: int = 32, columns: int = 8) -> None:
+                         count: int = 32, columns: int = 8, labels: np.ndarray | None = None) -> None:
     """Test images (`what`), each row of them above a row of their reconstructions (decoded means)."""
     originals = images[:count]
-    mean, _ = model.encode(originals)
-    reconstructions = model.sample(mean).numpy()
+    y = classes(model, None if labels is None else labels[:count])
+    mean, _ = model.encode(originals, y)
+    reconstructions = model.sample(mean, y).numpy()
     rows = []
     for start in range(0, len(originals), columns):
         rows += [originals[start:start + columns], reconstructions[start:start + columns]]
@@ -136,17 +144,25 @@ def save_reconstructions(model: CVAE, images: np.ndarray, path: Path, what: str 
 def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> None:
     z = prior_draws(count, model.latent_dim, seed)
     figure = Figure(figsize=(8, 8.4))
-    image_grid(figure, model.sample(z).numpy(), 8)
+    y = classes(model, np.arange(count) % max(1, model.num_classes))  # each class in turn
+    image_grid(figure, model.sample(z, y).numpy(), 8)
     figure.suptitle(f"{count} samples from the prior, z ~ N(0, I)")
     save_figure(figure, path, bbox_inches="tight")
 
 
-def save_latent_space(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
+def latent_means(model: CVAE, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """The encoder's means of `images` (given their classes, for a conditional model),
+    (N, latent_dim), ENCODE_BATCH images a call."""
+    batches = range(0, len(images), ENCODE_BATCH)
+    y = [None if labels is None else labels[start:start + ENCODE_BATCH] for start in batches]
+    return np.concatenate([model.encode(images[start:start + ENCODE_BATCH], classes(model, part))[0].numpy()
+                           for start, part in zip(batches, y)])
+
+
+def save_latent_space(means: np.ndarray, labels: np.ndarray, path: Path,
                       names: Sequence[str] = DIGITS) -> None:
     """The test set's latent means, coloured by class (`names`: of the labels 0, 1, ..); the
     first two principal components when the latent space has more than two dimensions."""
-    means = np.concatenate([model.encode(images[start:start + ENCODE_BATCH])[0].numpy()
-                            for start in range(0, len(images), ENCODE_BATCH)])
     if means.shape[1] == 1:
         points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
         title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
@@ -191,6 +207,23 @@ def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path
     article = {name: "an" if name[0].lower() in "aeiou" else "a" for name in (start, end)}
     figure.suptitle(f"From {article[start]} {start} to {article[end]} {end} in latent space"
                     if len(names) > 1 else "From one test image to another in latent space")
+    save_figure(figure, path, bbox_inches="tight")
+
+
+def save_analogies(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,
+                   names: Sequence[str]) -> None:
+    """A conditional model's analogies (Kingma et al. 2014, Fig. 1): a row per test image, its
+    style z (the encoder's mean, given its class) decoded with every class in turn."""
+    classes = model.num_classes
+    mean, _ = model.encode(images, tf.constant(labels[:len(images)], tf.int32))
+    z = np.repeat(mean.numpy(), classes, axis=0)
+    y = np.tile(np.arange(classes, dtype=np.int32), len(images))
+    decoded = model.sample(tf.constant(z), tf.constant(y)).numpy()
+    decoded = decoded.reshape(len(images), classes, *images.shape[1:])
+    grid = np.concatenate([images[:, np.newaxis], decoded], axis=1).reshape(-1, *images.shape[1:])
+    figure = Figure(figsize=(classes + 1, len(images) * 1.05 + 0.5))
+    image_grid(figure, grid, classes + 1, ["test image", *names] if len(names) == classes else [])
+    figure.suptitle("Each test image's style z, decoded with every class")
     save_figure(figure, path, bbox_inches="tight")
 
 

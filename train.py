@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="condition the encoder and the decoder on the images' classes: "
+                             "q(z|x, y) and p(x|z, y), a conditional VAE")
     parser.add_argument("--beta", type=cli.non_negative_float, default=1.0,
                         help="weight of the KL term in the training loss (a beta-VAE); the test "
                              "ELBO and evaluate.py's figures are the ELBO itself, B = 1")
@@ -79,14 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
-               eps: tf.Tensor | None = None, kl: str = "mc", beta: float = 1.) -> tf.Tensor:
+               eps: tf.Tensor | None = None, kl: str = "mc", beta: float = 1.,
+               y: tf.Tensor | None = None) -> tf.Tensor:
     """Executes one training step and returns the loss.
 
     This function computes the loss and gradients, and uses the latter to
-    update the model's parameters.
+    update the model's parameters. (y: the classes of x, for --conditional.)
     """
     with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps, kl, beta)
+        loss = network.compute_loss(model, x, eps, kl, beta, y)
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
@@ -96,8 +100,8 @@ def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) 
     """Minus compute_loss over the test set: each batch's mean weighted by its size, so
     that it is the mean over every image (the tutorial averages the batch means)."""
     total, count = 0.0, 0
-    for test_x in test_dataset:
-        total += float(test_loss(test_x)) * len(test_x)
+    for test_x, test_y in test_dataset:  # test_y: the classes, which a conditional model takes
+        total += float(test_loss(test_x, test_y)) * len(test_x)
         count += len(test_x)
     return -total / count
 
@@ -109,20 +113,24 @@ def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) 
 def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
         seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc", beta: float = 1.,
-        strategy: tf.distribute.Strategy | None = None, shards: int = 1) -> list[dict]:
+        strategy: tf.distribute.Strategy | None = None, shards: int = 1,
+        train_labels: np.ndarray | None = None, test_labels: np.ndarray | None = None) -> list[dict]:
     """Train to `epochs`, with the test ELBO, the 4x4 grid, the metrics and a checkpoint
     before training and after every epoch; return the metrics. `resume_from`: the
     checkpoint to go on from. The images are uint8 (N, H, W, C), prepared a batch at a time
-    as the model's likelihood takes them (dataset.preprocess)."""
+    as the model's likelihood takes them (dataset.preprocess); the labels, for a conditional model."""
+    if test_labels is None:  # a model of no classes, given none
+        test_labels = np.zeros(len(test_images), np.uint8)
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
     prepare = functools.partial(dataset.preprocess, likelihood=model.likelihood)
-    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare)
+    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare, test_labels)
     step_loop = steps.StepLoop(functools.partial(train_step, kl=kl, beta=beta), model, optimizer, state.rng,
                                strategy=strategy, shards=shards, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
-    test_dataset = dataset.make_batches(test_images, dataset.eval_batch_size(model.image_shape))
+    test_dataset = dataset.make_batches((test_images, test_labels),
+                                        dataset.eval_batch_size(model.image_shape))
 
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
     epoch_records = records.EpochRecords(out_dir, chief, done)
@@ -130,7 +138,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         elbo = test_set_elbo(test_loss, test_dataset)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         if chief:
-            pictures.generate_and_save_images(model, 0, state.test_sample, state.sample_eps, out_dir)
+            pictures.generate_and_save_images(model, 0, state.test_sample, state.sample_eps, out_dir,
+                                              state.sample_labels)
         epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
         state.save(0)
         done = 0
@@ -142,8 +151,9 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                                              int(optimizer.iterations.numpy()), out_dir)
             start_time = time.perf_counter()
             order = dataset.epoch_order(len(train_images), seed, epoch)  # this epoch's shuffle
-            # train_step on each batch, in that order
-            for first, losses in step_loop.epoch_losses(train_images, batch_size, order=order):
+            # train_step on each batch, in that order (with its classes, for a conditional model)
+            for first, losses in step_loop.epoch_losses(train_images, batch_size, order=order,
+                                                        labels=train_labels):
                 progress.update(first, losses)
                 if stop.signal:
                     break
@@ -159,7 +169,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                   f"time for the epoch {seconds:.1f} s ({progress.seen / seconds:,.0f} images/s)")
             if chief:
                 pictures.generate_and_save_images(model, epoch, state.test_sample, state.sample_eps,
-                                                  out_dir)
+                                                  out_dir, state.sample_labels)
             epoch_records.write(epoch, progress.row(elbo, seconds), progress.loss_points)
             state.save(epoch)  # last: the checkpoint marks the epoch complete
             if stop.signal and epoch < epochs:
@@ -167,12 +177,19 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     return epoch_records.metrics
 
 
-def save_final_outputs(model: network.CVAE, config: dict, out_dir: Path) -> None:
-    """The chief's last outputs: the GIF of the grids, the manifold, the exported model."""
+def save_final_outputs(model: network.CVAE, config: dict, run: run_folder.Run) -> None:
+    """The chief's last outputs: the GIF of the grids, the manifold (or a conditional model's
+    analogies), the exported model."""
+    out_dir = run.out_dir
     frames = [pictures.grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
     pictures.save_gif(frames, out_dir / "cvae.gif")
     print(f"Wrote {out_dir / 'cvae.gif'} ({len(frames)} frames)")
-    if config["latent_dim"] == 2:
+    if model.num_classes:
+        images = dataset.preprocess(run.test_images[:pictures.ANALOGY_ROWS], model.likelihood).numpy()
+        pictures.save_analogies(model, images, run.test_labels, out_dir / "analogies.png",
+                                run_folder.class_names(config))
+        print(f"Wrote {out_dir / 'analogies.png'}")
+    elif config["latent_dim"] == 2:  # (a conditional model's manifold would need a class)
         pictures.save_latent_images(model, out_dir / "latent_manifold.png")
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
@@ -195,9 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
             batch_size=config["batch_size"], seed=config["seed"], out_dir=run.out_dir,
             resume_from=run.resume_from, kl=config["kl"], beta=config["beta"], strategy=devices.strategy,
-            shards=devices.shards)
+            shards=devices.shards, train_labels=run.train_labels, test_labels=run.test_labels)
         if devices.chief:
-            save_final_outputs(model, config, run.out_dir)
+            save_final_outputs(model, config, run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, model_size, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -50,13 +50,13 @@ def check_training_images(images: np.ndarray, source: str, train_size: int | Non
 def forward_flops(model: network.CVAE) -> tuple[int, int]:
     """The FLOPs of one image's forward pass, and those of the first layer alone (whose
     input, the image, needs no gradient)."""
-    per_layer = network.layer_flops(model.encoder.layers + model.decoder.layers)
+    per_layer = model_size.layer_flops(model.encoder.layers + model.decoder.layers)
     return sum(per_layer), per_layer[0]
 
 
 def decode_flops(model: network.CVAE) -> int:
     """The FLOPs of one decode, z to logits (9.49 MFLOP for the tutorial's decoder)."""
-    return sum(network.layer_flops(model.decoder.layers))
+    return sum(model_size.layer_flops(model.decoder.layers))
 
 
 def train_flops_per_image(model: network.CVAE) -> int:
@@ -143,7 +143,8 @@ class Variant:
         step_loop = steps.StepLoop(train.train_step, self.model, self.optimizer, rng, shards=shards,
                                    prepare=dataset.binarize)
         test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards, dataset.binarize)
-        test_batches = dataset.make_batches(test_images, dataset.EVAL_BATCH_SIZE)
+        no_classes = np.zeros(len(test_images), np.uint8)  # the tutorial's CVAE takes none
+        test_batches = dataset.make_batches((test_images, no_classes), dataset.EVAL_BATCH_SIZE)
         batch_size = self.batch_size
         num_full_batches = len(train_images) // batch_size
 

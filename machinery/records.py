@@ -4,12 +4,13 @@ the run's random generator, the fixed test sample), the records written each epo
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from machinery import cli, distribute, run_folder
+from machinery import cli, distribute, files, run_folder
 
 import imageio.v3 as iio
 import numpy as np
@@ -19,6 +20,26 @@ import pictures
 
 KEEP_CHECKPOINTS = 3
 LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
+METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")  # metrics.csv
+
+
+def save_metrics(rows: list[dict], path: Path) -> None:
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv back as rows of numbers (None where epoch 0 has no training figures)."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="") as file:
+            return [{key: (int(value) if key == "epoch" else float(value)) if value else None
+                     for key, value in row.items()} for row in csv.DictReader(file)]
+    except (ValueError, TypeError, csv.Error) as error:
+        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
 
 
 class RunState:
@@ -31,12 +52,15 @@ class RunState:
     def __init__(self, model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                  test_images: np.ndarray, seed: int, out_dir: Path,
                  strategy: tf.distribute.Strategy | None = None,
-                 prepare: Callable[[np.ndarray], tf.Tensor] = tf.constant) -> None:
+                 prepare: Callable[[np.ndarray], tf.Tensor] = tf.constant,
+                 test_labels: np.ndarray | None = None) -> None:
         self.out_dir, self.strategy = out_dir, strategy or tf.distribute.get_strategy()
         self.rng = tf.random.Generator.from_seed(seed)
         picks = np.sort(np.random.default_rng(seed).choice(
             len(test_images), pictures.NUM_EXAMPLES_TO_GENERATE, replace=False))
         self.test_sample = tf.Variable(prepare(test_images[picks]), trainable=False)
+        # Their classes, which a conditional model is given (the test set is the run's own).
+        self.sample_labels = None if test_labels is None or not model.num_classes else test_labels[picks]
         self.sample_eps = tf.Variable(self.rng.normal(
             (pictures.NUM_EXAMPLES_TO_GENERATE, model.latent_dim)), trainable=False)
         self.checkpoint = tf.train.Checkpoint(
@@ -73,7 +97,7 @@ class EpochRecords:
         """`done`: the epoch a resumed run restored, whose rows of metrics.csv it keeps."""
         self.out_dir, self.chief = out_dir, chief
         self.metrics = [] if done is None else [
-            row for row in run_folder.read_metrics(out_dir / "metrics.csv") if row["epoch"] <= done]
+            row for row in read_metrics(out_dir / "metrics.csv") if row["epoch"] <= done]
         self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
                             else tf.summary.create_noop_writer())
 
@@ -94,7 +118,7 @@ class EpochRecords:
             grid = iio.imread(pictures.grid_path(self.out_dir, epoch))
             tf.summary.image("samples", grid[np.newaxis])
         self.tensorboard.flush()
-        run_folder.save_metrics(self.metrics, self.out_dir / "metrics.csv")
+        save_metrics(self.metrics, self.out_dir / "metrics.csv")
 
 
 class EpochProgress:

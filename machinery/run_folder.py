@@ -8,7 +8,6 @@ metrics.csv holds a row per epoch. Everything is written whole (files.atomic_pat
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import fcntl
 import json
@@ -31,28 +30,28 @@ OUT_DIR = "output"
 # (--epochs may change: resuming with more epochs trains a finished run further.)
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
                 "kl", "dataset", "precision", "filters", "likelihood", "image_size", "channels",
-                "test_fraction", "beta")
+                "test_fraction", "beta", "conditional")
 # What runs from before a setting existed used, for --resume and evaluate.py.
 SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32", "filters": None,
                     "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE),
-                    "image_size": None, "channels": None, "beta": 1.0,
+                    "image_size": None, "channels": None, "beta": 1.0, "conditional": False,
                     "test_fraction": image_folder.DEFAULT_TEST_FRACTION, "class_names": None}
 CONFIG_TYPES = {"epochs": int, "latent_dim": int, "batch_size": int, "learning_rate": (int, float),
                 "seed": int, "train_size": (int, type(None)), "test_size": (int, type(None)),
                 "kl": str, "dataset": str, "precision": str, "filters": (int, type(None)),
                 "likelihood": str, "image_shape": list, "data": (str, type(None)),
                 "data_sha256": str, "image_size": (list, type(None)), "channels": (int, type(None)),
-                "test_fraction": float, "class_names": (list, type(None)), "beta": (int, float)}
+                "test_fraction": float, "class_names": (list, type(None)), "beta": (int, float),
+                "conditional": bool}
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
 RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
                "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", network.KERAS_FILE,
                network.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
-               "latent_space.png", "interpolation.png", "training_curves.png", "generated.*",
+               "latent_space.png", "interpolation.png", "training_curves.png", "generated.*", "analogies.png",
                ".evaluation-kept.npz", ".*.tmp.*")
 LOCK_FILE = ".run.lock"  # held by the process that trains in the folder (hold)
 _HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
-METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,29 +63,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --out-dir (refused without this "
                              "or --resume)")
-
-
-# ----------------------------------------------------------------------------
-# metrics.csv
-
-
-def save_metrics(rows: list[dict], path: Path) -> None:
-    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv back as rows of numbers (None where epoch 0 has no training figures)."""
-    if not path.exists():
-        return []
-    try:
-        with open(path, newline="") as file:
-            return [{key: (int(value) if key == "epoch" else float(value)) if value else None
-                     for key, value in row.items()} for row in csv.DictReader(file)]
-    except (ValueError, TypeError, csv.Error) as error:
-        raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -108,7 +84,8 @@ def load_config(out_dir: Path) -> dict:
     except (ValueError, TypeError, OSError) as error:
         raise cli.UserError(f"{path} is damaged ({cli.first_line(error)})") from None
     for key, kinds in CONFIG_TYPES.items():
-        if not isinstance(config.get(key), kinds) or isinstance(config.get(key), bool):
+        value = config.get(key)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
             raise cli.UserError(f"{path} is damaged: {key} is missing or of the wrong type")
     for key, known in (("kl", network.KL_ESTIMATORS), ("dataset", dataset.KERAS_DATASETS),
                        ("precision", network.PRECISIONS), ("likelihood", network.LIKELIHOODS)):
@@ -171,7 +148,8 @@ def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
 def new_model(config: dict) -> network.CVAE:
     """An untrained CVAE of the run's settings."""
     return network.CVAE(config["latent_dim"], config["precision"], config["filters"],
-                        config["image_shape"], config["likelihood"])
+                        config["image_shape"], config["likelihood"],
+                        len(class_names(config)) if config["conditional"] else 0)
 
 
 def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:

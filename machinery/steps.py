@@ -21,7 +21,7 @@ STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C aft
 
 TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps) -> loss
 LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ...) -> loss
-CompiledLoss = Callable[[tf.Tensor], tf.Tensor]  # images -> loss, the noise drawn inside
+CompiledLoss = Callable[..., tf.Tensor]  # images (and classes) -> loss, the noise drawn inside
 Prepare = Callable[[tf.Tensor], tf.Tensor]  # stored images (uint8) -> the model's input
 
 
@@ -46,28 +46,33 @@ def num_images(x: tf.Tensor) -> int | tf.Tensor:
     return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
 
 
-def weighted_pieces(x: tf.Tensor, eps: tf.Tensor, shards: int
-                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, float | tf.Tensor]]:
-    """This replica's share of the batch (x, eps), cut into `shards` consecutive slices (no
-    more than it has images), each with its share of the whole batch `x`: a weight. A
-    share known to be empty (a last batch smaller than the replicas) has no pieces; one
-    empty at run time gets weight 0."""
+def weighted_pieces(x: tf.Tensor, eps: tf.Tensor, shards: int, y: tf.Tensor | None = None
+                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, dict, float | tf.Tensor]]:
+    """This replica's share of the batch (x, eps and the classes y, if any), cut into `shards`
+    consecutive slices (no more than it has images), each with its share of the whole batch
+    `x`: a weight. A share known to be empty (a last batch smaller than the replicas) has no
+    pieces; one empty at run time gets weight 0. The classes come as {"y": ...} or {}."""
     share, share_eps = distribute.replica_share(x), distribute.replica_share(eps)
+    share_y = None if y is None else distribute.replica_share(y)
     if share.shape[0] == 0:
         return  # some CPU kernels fail on an empty batch: nothing to compute
     shards = max(1, min(shards, share.shape[0] if share.shape[0] is not None else shards))
     for i in range(shards):
         piece = distribute.split_slice(share, i, shards)
-        yield piece, distribute.split_slice(share_eps, i, shards), num_images(piece) / num_images(x)
+        classes = {} if y is None else {"y": distribute.split_slice(share_y, i, shards)}
+        yield (piece, distribute.split_slice(share_eps, i, shards), classes,
+               num_images(piece) / num_images(x))
 
 
 def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tensor,
-                  eps: tf.Tensor, shards: int) -> tf.Tensor:
-    """compute_loss of `x`, in `shards` slices side by side, each weighted by its share
-    (multiply_no_nan: the mean of an empty share is NaN, its weight 0)."""
+                  eps: tf.Tensor, shards: int, y: tf.Tensor | None = None) -> tf.Tensor:
+    """compute_loss of `x` (of classes `y`, for a conditional model), in `shards` slices side
+    by side, each weighted by its share (multiply_no_nan: the mean of an empty share is NaN,
+    its weight 0)."""
     total = None
-    for piece, piece_eps, weight in weighted_pieces(x, eps, shards):
-        loss = tf.math.multiply_no_nan(compute_loss(model, piece, piece_eps), tf.cast(weight, tf.float32))
+    for piece, piece_eps, classes, weight in weighted_pieces(x, eps, shards, y):
+        loss = tf.math.multiply_no_nan(compute_loss(model, piece, piece_eps, **classes),
+                                       tf.cast(weight, tf.float32))
         total = loss if total is None else total + loss
     return tf.constant(0.0) if total is None else total
 
@@ -87,15 +92,16 @@ class StepLoop:
             with self.strategy.scope():
                 optimizer.build(model.trainable_variables)
 
-    def _replica_step(self, x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-        """train_step on this replica's share of the batch `x`, a shard at a time."""
+    def _replica_step(self, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
+        """train_step on this replica's share of the batch `x` (of classes `y`, for a
+        conditional model), a shard at a time."""
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         if replicas == 1 and self.shards == 1:
-            return self.train_step(self.model, x, self.optimizer, eps)
+            return self.train_step(self.model, x, self.optimizer, eps, **({} if y is None else {"y": y}))
         summed, loss = GradientSum(self.model.trainable_variables), tf.constant(0.0)
-        for piece, piece_eps, weight in weighted_pieces(x, eps, self.shards):
+        for piece, piece_eps, classes, weight in weighted_pieces(x, eps, self.shards, y):
             summed.next_piece(weight)
-            piece_loss = self.train_step(self.model, piece, summed, piece_eps)
+            piece_loss = self.train_step(self.model, piece, summed, piece_eps, **classes)
             loss += tf.math.multiply_no_nan(piece_loss, tf.cast(weight, tf.float32))
         if summed.total is None:  # an empty share: it adds nothing to the batch's gradients
             summed.total = [tf.zeros_like(variable) for variable in summed.variables]
@@ -103,26 +109,31 @@ class StepLoop:
         return loss
 
     @tf.function
-    def _steps(self, batches: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-        """Steps on batches[0], .., batches[count - 1] (the rest is padding); their losses."""
+    def _steps(self, batches: tf.Tensor, count: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """Steps on batches[0], .., batches[count - 1] (the rest is padding), of classes
+        labels[i] for a conditional model; their losses."""
         losses = tf.TensorArray(tf.float32, size=count)
         for i in tf.range(count):
             # One step after the other (a loop may otherwise start the next iterations early).
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
             x = self.prepare(batches[i])
             eps = self.rng.normal(shape=(tf.shape(x)[0], self.model.latent_dim))
+            step_inputs = (x, eps) if labels is None else (x, eps, tf.cast(labels[i], tf.int32))
             with exact.gradients_added_in_pairs():
-                loss = self.strategy.run(self._replica_step, args=(x, eps))
+                loss = self.strategy.run(self._replica_step, args=step_inputs)
             losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
         return losses.stack()
 
     def epoch_losses(self, images: np.ndarray | tf.Tensor, batch_size: int,
-                     steps_per_call: int = STEPS_PER_CALL, order: np.ndarray | None = None
-                     ) -> Iterator[tuple[int, np.ndarray]]:
-        """A step on each batch of images[order] (default: in order); after each call, the
-        index of its first step and its losses. The last batch may be smaller. Only a call's
-        batches are gathered (from uint8 images, say), so an epoch holds no copy of the set."""
+                     steps_per_call: int = STEPS_PER_CALL, order: np.ndarray | None = None,
+                     labels: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """A step on each batch of images[order] (default: in order; with their `labels` for a
+        conditional model); after each call, the index of its first step and its losses. The
+        last batch may be smaller. Only a call's batches are gathered (from uint8 images, say),
+        so an epoch holds no copy of the set."""
         images = np.asarray(images)
+        if not self.model.num_classes:
+            labels = None  # the tutorial's CVAE takes no classes
         order = np.arange(len(images)) if order is None else order
         full = len(order) // batch_size
         for first in range(0, full, steps_per_call):
@@ -132,21 +143,24 @@ class StepLoop:
             picked = order[first * batch_size:(first + count) * batch_size]
             picked = np.pad(picked, (0, (steps_per_call - count) * batch_size), mode="edge")
             batches = images[picked].reshape(steps_per_call, batch_size, *images.shape[1:])
-            yield first, self._steps(tf.constant(batches), tf.constant(count)).numpy()
+            classes = None if labels is None else tf.constant(labels[picked].reshape(steps_per_call, -1))
+            yield first, self._steps(tf.constant(batches), tf.constant(count), classes).numpy()
         if full * batch_size < len(order):  # the smaller last batch: one call of its own shape
-            last = images[order[full * batch_size:]][np.newaxis]
-            yield full, self._steps(tf.constant(last), tf.constant(1)).numpy()
+            rest = order[full * batch_size:]
+            classes = None if labels is None else tf.constant(labels[rest][np.newaxis])
+            yield full, self._steps(tf.constant(images[rest][np.newaxis]), tf.constant(1), classes).numpy()
 
 
 def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.random.Generator,
                   shards: int = 1, prepare: Prepare | None = None) -> CompiledLoss:
     """compute_loss(model, prepare(x), eps) as one compiled call, eps drawn from `rng`, `x`
-    in shards side by side: for the test ELBO."""
+    in shards side by side (of classes `y`, for a conditional model): for the test ELBO."""
     prepare = prepare or tf.identity
 
     @tf.function
-    def loss(x: tf.Tensor) -> tf.Tensor:
+    def loss(x: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
         x = prepare(x)
         eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
-        return weighted_loss(compute_loss, model, x, eps, shards)
+        classes = tf.cast(y, tf.int32) if y is not None and model.num_classes else None
+        return weighted_loss(compute_loss, model, x, eps, shards, classes)
     return loss

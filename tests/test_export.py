@@ -132,7 +132,8 @@ def test_the_keras_file_keeps_the_settings(runs):
         model = network.load_model(runs[precision])
         assert (model.latent_dim, model.precision) == (2, precision)
         assert model.get_config() == {"latent_dim": 2, "precision": precision, "filters": None,
-                                      "image_shape": [28, 28, 1], "likelihood": "bernoulli"}
+                                      "image_shape": [28, 28, 1], "likelihood": "bernoulli",
+                                      "num_classes": 0}
 
 
 def test_export_script_writes_a_runs_model_again(runs, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from machinery import model_size
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,8 +18,8 @@ def model() -> network.CVAE:
 
 
 def test_parameter_counts_are_the_tutorials(model):
-    assert network.count_params(model.encoder) == 28_036
-    assert network.count_params(model.decoder) == 41_953
+    assert model_size.count_params(model.encoder) == 28_036
+    assert model_size.count_params(model.decoder) == 41_953
 
 
 @pytest.mark.parametrize("latent_dim", [1, 2, 5])

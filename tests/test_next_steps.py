@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from machinery import model_size
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -37,7 +39,7 @@ def colour_arrays(num_train: int = 64, num_test: int = 32, seed: int = 0) -> dic
 
 def test_filters_512_is_the_tutorials_bigger_network():
     model = network.CVAE(2, filters=512)
-    assert network.count_params(model) == 4_955_749
+    assert model_size.count_params(model) == 4_955_749
     convolutions = [layer for part in (model.encoder, model.decoder) for layer in part.layers
                     if isinstance(layer, CONVOLUTIONS)]
     assert [layer.filters for layer in convolutions] == [512, 512, 512, 512, 1]

@@ -116,7 +116,7 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
     tf.keras.utils.set_random_seed(4)
     model = network.CVAE(2)
     images = (np.random.default_rng(4).random((1300, 28, 28, 1)) < 0.2).astype(np.float32)
-    batches = dataset.make_batches(images, dataset.EVAL_BATCH_SIZE)
+    batches = dataset.make_batches((images, np.zeros(len(images), np.uint8)), dataset.EVAL_BATCH_SIZE)
     test_loss = steps.compiled_loss(network.compute_loss, model, tf.random.Generator.from_seed(9), shards)
     elbo = train.test_set_elbo(test_loss, batches)
     rng = tf.random.Generator.from_seed(9)  # the same noise, drawn in the same batches
