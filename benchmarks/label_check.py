@@ -40,7 +40,8 @@ def classifier(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int) -
         tf.keras.layers.Dense(128, activation="relu"),
         tf.keras.layers.Dense(10),
     ])
-    model.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    model.compile(optimizer="adam", loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
     model.fit(images, labels, batch_size=128, epochs=epochs, verbose=2)
     return model
 
