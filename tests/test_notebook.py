@@ -110,6 +110,9 @@ def test_the_notebook_runs_alone_in_an_empty_folder(python3_kernel, tmp_path, mo
     data = tmp_path / "mnist.npz"
     np.savez(data, **make_mnist_arrays(num_train=96, num_test=32))
     monkeypatch.setenv("CVAE_DATA", str(data))
+    # A kernel shows plots inline, as on Colab, unless MPLBACKEND (set on many headless
+    # machines and CI services) tells matplotlib otherwise: the kernel must not inherit it.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     notebook = nbformat.read(folder / NOTEBOOK.name, as_version=4)
     parameters = next(i for i, cell in enumerate(notebook.cells)
                       if "parameters" in cell.metadata.get("tags", []))
