@@ -107,7 +107,7 @@ class CVAE(tf.keras.Model):
     def encode(self, x: tf.Tensor, y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         if y is not None:  # the one-hot y as more channels of every pixel
             one_hot = tf.one_hot(y, self.num_classes, dtype=x.dtype)[:, tf.newaxis, tf.newaxis, :]
-            x = tf.concat([x, tf.broadcast_to(one_hot, [*tf.unstack(tf.shape(x)[:3]), self.num_classes])], -1)
+            x = tf.concat([x, one_hot * tf.ones_like(x[..., :1])], axis=-1)
         mean, logvar = tf.split(self.encoder(x), num_or_size_splits=2, axis=1)
         return mean, logvar
 

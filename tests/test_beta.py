@@ -1,13 +1,12 @@
-"""--beta: the training loss weighs the KL term; the figures reported stay the ELBO's."""
+"""--beta: the training loss weighs the KL term; the figures reported stay the ELBO's. (A
+script run with --beta is test_conditional's.)"""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_mnist_arrays, run_script
+from conftest import make_mnist_arrays
 
 import dataset
 import evaluate
@@ -43,14 +42,3 @@ def test_a_larger_beta_lowers_the_kl_and_the_reported_elbo_is_the_elbo(tmp_path)
         # The test ELBO of metrics.csv is the ELBO (B = 1) of the trained model, as evaluate.py's.
         assert abs(metrics[-1]["test_elbo"] - figures[beta]["elbo"]["mean"]) < 3
     assert figures[4.]["kl"]["mean"] < 0.5 * figures[1.]["kl"]["mean"], figures
-
-
-def test_train_py_records_beta_and_evaluate_py_reports_it(tmp_path, tiny_npz):
-    run = tmp_path / "run"
-    trained = run_script("train.py", "--data", tiny_npz, "--epochs", "1", "--beta", "4",
-                         "--out-dir", run)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    assert "weighs the KL term by --beta 4" in trained.stdout
-    assert json.loads((run / "config.json").read_text())["beta"] == 4.0
-    evaluate.main(["--out-dir", str(run), "--iw-samples", "2", "--data", str(tiny_npz)])
-    assert json.loads((run / "evaluation.json").read_text())["beta"] == 4.0

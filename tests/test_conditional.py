@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import assert_one_line_error, make_mnist_arrays, run_main, run_script
 
 import dataset
+import evaluate
 import export
 import generate
 import network
@@ -42,15 +43,18 @@ def conditional_run(tmp_path_factory):
     data = folder / "mnist.npz"
     np.savez(data, **make_mnist_arrays(num_train=320, num_test=40, seed=4))
     out = folder / "run"
-    result = run_script("train.py", "--data", data, "--conditional", "--epochs", "2",
+    result = run_script("train.py", "--data", data, "--conditional", "--beta", "2", "--epochs", "2",
                         "--learning-rate", "1e-3", "--out-dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, data, result
 
 
 def test_a_conditional_run_writes_its_analogies_and_records_the_setting(conditional_run):
+    """(The run has --beta 2 too: one process for both settings.)"""
     out, _, result = conditional_run
-    assert json.loads((out / "config.json").read_text())["conditional"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert config["conditional"] is True and config["beta"] == 2.0
+    assert "weighs the KL term by --beta 2" in result.stdout
     assert "analogies.png" in result.stdout and not (out / "latent_manifold.png").exists()
     analogies = iio.imread(out / "analogies.png")
     assert analogies.shape[1] > analogies.shape[0] * 0.8 and analogies.std() > 0  # 11 columns, 10 rows
@@ -62,16 +66,16 @@ def test_a_conditional_run_writes_its_analogies_and_records_the_setting(conditio
                                atol=1e-6)
 
 
-def test_evaluate_reports_log_p_x_given_y_log_p_x_and_the_accuracy(conditional_run):
-    out, data, _ = conditional_run
-    result = run_script("evaluate.py", "--out-dir", out, "--iw-samples", "5")
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_evaluate_reports_log_p_x_given_y_log_p_x_and_the_accuracy(conditional_run, capsys):
+    out, _, _ = conditional_run
+    evaluate.main(["--out-dir", str(out), "--iw-samples", "5"])
     report = json.loads((out / "evaluation.json").read_text())
+    assert report["beta"] == 2.0  # the figures are the ELBO's, B = 1, with B beside them
     given, marginal = report["conditional_log_likelihood"]["mean"], report["iwae_log_likelihood"]["mean"]
     # log p(x) = log sum_y p(y) p(x|y) >= log p(y_true) + log p(x|y_true), so the gap is at
     # most -log p(y_true), about ln 10; and at least 0 where the true class is the likeliest.
     assert -1 < given - marginal < np.log(10) + 1, (given, marginal)
-    assert 0 <= report["accuracy"] <= 1 and "accuracy" in result.stdout
+    assert 0 <= report["accuracy"] <= 1 and "accuracy" in capsys.readouterr().out
     assert (out / "analogies.png").is_file() and not (out / "interpolation.png").exists()
 
 
