@@ -9,12 +9,15 @@ Loads the run's latest checkpoint and its config.json (no flags to repeat), and 
 into the run folder:
 
   evaluation.json        every figure below (and bits_per_dim), K, the checkpoint's epoch, the data
-  reconstructions.png    test digits (odd rows) above their reconstructions (even rows)
-  prior_samples.png      64 digits decoded from z ~ N(0, I)
+  reconstructions.png    test images (odd rows) above their reconstructions (even rows)
+  prior_samples.png      64 images decoded from z ~ N(0, I)
   latent_space.png       the test set's latent means, coloured by label
-  latent_manifold.png    digits decoded from a grid of the latent plane (latent_dim 2)
-  interpolation.png      a walk in latent space between two test digits of different classes
+  latent_manifold.png    images decoded from a grid of the latent plane (latent_dim 2)
+  interpolation.png      a walk in latent space between two test images of different classes
+  analogies.png          a conditional model's: each test image's style in every class (no
+                         manifold or interpolation then)
   training_curves.png    train loss and test ELBO per epoch, from metrics.csv
+  tensorboard/           the latent means, their classes and a sprite for TensorBoard's Projector
 
     python evaluate.py --out-dir output
     python evaluate.py --out-dir output --iw-samples 1000 --test-size 1000
@@ -210,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 f"{len(test_images)} test images")
         test_images, test_labels = test_images[:args.test_size], test_labels[:args.test_size]
     names, noun = data.class_names, pictures.noun(data.class_names)
-    if len(names) > 1 and len(np.unique(test_labels)) < 2:
+    if len(test_images) < 2 or (len(names) > 1 and len(np.unique(test_labels)) < 2):
         raise cli.UserError(f"the interpolation needs test {noun} of two classes; use a larger "
                             f"--test-size")
     test_images = dataset.preprocess(test_images, config["likelihood"]).numpy()

@@ -106,6 +106,8 @@ def class_labels(label: str | None, model: network.CVAE, names: Sequence[str], c
                                 "takes no class")
         return None, titles, about
     names = list(names) if len(names) == model.num_classes else [str(i) for i in range(model.num_classes)]
+    if label is None and titles:  # --z or --interpolate: one class for every point
+        raise cli.UserError("a conditional model draws given points in one class: add --label")
     if label is None:
         classes = [i % model.num_classes for i in range(count)]
         return tf.constant(classes, tf.int32), titles or [names[i] for i in classes], about

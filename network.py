@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = load_model(args.source)
         print(f"Loaded {args.source}: latent_dim {model.latent_dim}, precision {model.precision}, "
               f"filters {model.filters or '32, 64 (the tutorial)'}, images {model.image_shape}, "
-              f"likelihood {model.likelihood}")
+              f"likelihood {model.likelihood}, classes {model.num_classes or 'none (not conditional)'}")
     else:
         likelihood = args.likelihood or default_likelihood(IMAGE_SHAPE[2])
         model = CVAE(args.latent_dim, filters=args.filters, likelihood=likelihood)
@@ -269,14 +269,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"FLOPs of one image's forward pass: {flops:,} (a train step: about three times that)")
 
     x = tf.zeros((args.batch_size, *model.image_shape))
-    mean, logvar = model.encode(x)
+    y = tf.zeros(args.batch_size, tf.int32) if model.num_classes else None  # a conditional model's class 0
+    mean, logvar = model.encode(x, y)
     z = model.reparameterize(mean, logvar)
-    logits = model.decode(z)
+    logits = model.decode(z, y=y)
     print(f"\nForward pass on a dummy batch of {args.batch_size}:")
     for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), ("logits", logits)):
         print(f"  {name:7s}{tuple(tensor.shape)}")
     state = "trained" if args.source else "untrained"
-    print(f"  loss   {float(compute_loss(model, x)):.2f} (negative ELBO of the blank batch, {state})")
+    print(f"  loss   {float(compute_loss(model, x, y=y)):.2f} (negative ELBO of the blank batch, {state})")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,8 @@ def list_images(folder: Path, settings: Settings) -> Listing:
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         names, train = _classes(folder / "train", left_out)
         test_names, test = _classes(folder / "test", left_out)
+        if (names, test_names) == (["train"], ["test"]):  # both flat: one class, the folder's
+            names = test_names = [folder.name]
         if test_names != names:
             raise UserError(f"{folder}: train/ has the classes {', '.join(names)}, test/ has "
                             f"{', '.join(test_names)}; both need the same class folders")
@@ -175,8 +177,8 @@ def list_images(folder: Path, settings: Settings) -> Listing:
 
 def _describe(path: Path) -> tuple[str, tuple[int, int], str]:
     """The file's SHA-256, its size (width, height) and Pillow's mode, from its header."""
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             return hashlib.sha256(data).hexdigest(), image.size, image.mode
     except image_decoding.UNREADABLE as error:
@@ -205,6 +207,7 @@ class Changed(UserError):
 def load(folder: Path, settings: Settings, expected: str | None = None) -> dict:
     """The folder as arrays: x_train, y_train, x_test, y_test (uint8, images memory-mapped
     from the cache), with class_names, fingerprint and a report of what was found."""
+    folder = folder.resolve()  # its name (a flat folder's class) as config.json records it
     listing = list_images(folder, settings)
     # The headers are parsed in Python, which holds the GIL: one thread is the faster.
     described = image_decoding.in_parallel(_describe, listing.files, "file", workers=1)

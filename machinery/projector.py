@@ -22,9 +22,12 @@ def sprite(images: np.ndarray) -> np.ndarray:
     """Images of pixel values 0..1, (N, H, W, C), as one uint8 square grid, row by row."""
     count, height, width, channels = images.shape
     side = int(np.ceil(np.sqrt(count)))
-    padded = np.concatenate([images, np.ones((side * side - count, height, width, channels))])
-    grid = padded.reshape(side, side, height, width, channels).transpose(0, 2, 1, 3, 4)
-    grid = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(side * height, side * width, channels)
+    cells = np.full((side * side, height, width, channels), 255, np.uint8)  # white beyond the last
+    for start in range(0, count, 1000):  # to uint8 a thousand at a time: no float copy of them all
+        stop = min(start + 1000, count)
+        cells[start:stop] = np.round(np.clip(images[start:stop], 0, 1) * 255)
+    grid = cells.reshape(side, side, height, width, channels).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(side * height, side * width, channels)
     return grid[..., 0] if channels == 1 else grid
 
 

@@ -187,7 +187,7 @@ class Run:
     out_dir: Path
     train_images: np.ndarray  # uint8 (N, H, W, C): train.fit prepares a batch at a time
     test_images: np.ndarray
-    train_labels: np.ndarray  # uint8 (N,): not for training, for pictures
+    train_labels: np.ndarray  # (N,): a conditional model's classes, and the pictures'
     test_labels: np.ndarray
     resume_from: str | None  # the checkpoint to continue from, if any
     data_report: list[str] = dataclasses.field(default_factory=list)  # a folder's: what became of its files
@@ -250,6 +250,9 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
     data = load_run_data(config, source, out_dir, check=args.resume)
     (train_images, train_labels), (test_images, test_labels) = data.splits
     config["data_sha256"], config["class_names"] = data.fingerprint, list(data.class_names)
+    if config["conditional"] and len(data.class_names) < 2:
+        raise cli.UserError(f"--conditional needs images of two classes or more; "
+                            f"{source or 'the data'} has one")
     if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
         raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
                             f"got {len(test_images)}")

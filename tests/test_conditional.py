@@ -91,6 +91,13 @@ def test_generate_draws_the_class_asked_for(conditional_run, capsys, monkeypatch
     assert_one_line_error(stderr, "generate.py", "--label ten: the model's classes are 0 to 9", 2, code)
 
 
+def test_network_py_shows_a_conditional_model(conditional_run, capsys):
+    out, _, _ = conditional_run
+    network.main(["--from", str(out)])
+    shown = capsys.readouterr().out
+    assert "classes 10" in shown and "negative ELBO of the blank batch" in shown
+
+
 def test_a_conditional_run_resumes_as_one(conditional_run):
     out, _, _ = conditional_run
     resumed = run_script("train.py", "--out-dir", out, "--resume", "--epochs", "3")

@@ -130,6 +130,26 @@ def test_train_and_test_folders_are_the_split(tmp_path):
     assert "train/ and test/" in data.folder_report["split"]
 
 
+def test_flat_train_and_test_folders_are_one_class_named_after_the_folder(tmp_path):
+    for split, count in (("train", 12), ("test", 4)):
+        (tmp_path / "shots" / split).mkdir(parents=True)
+        for i in range(count):
+            picture(16, 16, seed=i).save(tmp_path / "shots" / split / f"{i}.png")
+    data = dataset.load_data(str(tmp_path / "shots"))
+    assert data.class_names == ("shots",) and (len(data.train[0]), len(data.test[0])) == (12, 4)
+
+
+def test_a_conditional_run_needs_two_classes(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    for i in range(40):
+        picture(16, 16, seed=i).save(folder / f"{i}.png")
+    code, stderr = run_main(train.main, ["--data", folder, "--conditional", "--out-dir", tmp_path / "run"],
+                            "train.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "train.py", "--conditional needs images of two classes", 2, code)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def truncated_png(folder: Path) -> Path:
     path = folder / "cats" / "000.png"
     path.write_bytes(path.read_bytes()[:-40])  # its last chunks lost
