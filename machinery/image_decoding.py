@@ -56,6 +56,8 @@ def decode(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: its top 8 bits (convert clips)
+                image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
             if image.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in image.info:
                 image = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)

@@ -109,6 +109,14 @@ def test_transparency_is_white_and_a_gif_gives_its_first_frame(tmp_path):
     assert first[..., 2].min() > 200 and first[..., 0].max() < 50  # blue, not yellow
 
 
+def test_a_16_bit_grey_png_keeps_its_top_8_bits(tmp_path):
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit grey PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    decoded = image_decoding.decode(tmp_path / "deep.png", (8, 8), 1)
+    np.testing.assert_array_equal(decoded[..., 0], ramp >> 8)
+
+
 def test_one_size_is_kept_and_grey_images_give_one_channel(tmp_path):
     folder = tmp_path / "grey"
     folder.mkdir()
