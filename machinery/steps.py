@@ -19,8 +19,8 @@ import tensorflow as tf
 
 STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C after each call
 
-TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps) -> loss
-LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ...) -> loss
+TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps, y=None) -> loss
+LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ..., y=None) -> loss
 CompiledLoss = Callable[..., tf.Tensor]  # images (and classes) -> loss, the noise drawn inside
 Prepare = Callable[[tf.Tensor], tf.Tensor]  # stored images (uint8) -> the model's input
 
@@ -47,11 +47,11 @@ def num_images(x: tf.Tensor) -> int | tf.Tensor:
 
 
 def weighted_pieces(x: tf.Tensor, eps: tf.Tensor, shards: int, y: tf.Tensor | None = None
-                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, dict, float | tf.Tensor]]:
+                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, tf.Tensor | None, float | tf.Tensor]]:
     """This replica's share of the batch (x, eps and the classes y, if any), cut into `shards`
     consecutive slices (no more than it has images), each with its share of the whole batch
     `x`: a weight. A share known to be empty (a last batch smaller than the replicas) has no
-    pieces; one empty at run time gets weight 0. The classes come as {"y": ...} or {}."""
+    pieces; one empty at run time gets weight 0."""
     share, share_eps = distribute.replica_share(x), distribute.replica_share(eps)
     share_y = None if y is None else distribute.replica_share(y)
     if share.shape[0] == 0:
@@ -59,9 +59,8 @@ def weighted_pieces(x: tf.Tensor, eps: tf.Tensor, shards: int, y: tf.Tensor | No
     shards = max(1, min(shards, share.shape[0] if share.shape[0] is not None else shards))
     for i in range(shards):
         piece = distribute.split_slice(share, i, shards)
-        classes = {} if y is None else {"y": distribute.split_slice(share_y, i, shards)}
-        yield (piece, distribute.split_slice(share_eps, i, shards), classes,
-               num_images(piece) / num_images(x))
+        piece_y = None if y is None else distribute.split_slice(share_y, i, shards)
+        yield piece, distribute.split_slice(share_eps, i, shards), piece_y, num_images(piece) / num_images(x)
 
 
 def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tensor,
@@ -70,8 +69,8 @@ def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tenso
     by side, each weighted by its share (multiply_no_nan: the mean of an empty share is NaN,
     its weight 0)."""
     total = None
-    for piece, piece_eps, classes, weight in weighted_pieces(x, eps, shards, y):
-        loss = tf.math.multiply_no_nan(compute_loss(model, piece, piece_eps, **classes),
+    for piece, piece_eps, piece_y, weight in weighted_pieces(x, eps, shards, y):
+        loss = tf.math.multiply_no_nan(compute_loss(model, piece, piece_eps, y=piece_y),
                                        tf.cast(weight, tf.float32))
         total = loss if total is None else total + loss
     return tf.constant(0.0) if total is None else total
@@ -97,11 +96,11 @@ class StepLoop:
         conditional model), a shard at a time."""
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         if replicas == 1 and self.shards == 1:
-            return self.train_step(self.model, x, self.optimizer, eps, **({} if y is None else {"y": y}))
+            return self.train_step(self.model, x, self.optimizer, eps, y=y)
         summed, loss = GradientSum(self.model.trainable_variables), tf.constant(0.0)
-        for piece, piece_eps, classes, weight in weighted_pieces(x, eps, self.shards, y):
+        for piece, piece_eps, piece_y, weight in weighted_pieces(x, eps, self.shards, y):
             summed.next_piece(weight)
-            piece_loss = self.train_step(self.model, piece, summed, piece_eps, **classes)
+            piece_loss = self.train_step(self.model, piece, summed, piece_eps, y=piece_y)
             loss += tf.math.multiply_no_nan(piece_loss, tf.cast(weight, tf.float32))
         if summed.total is None:  # an empty share: it adds nothing to the batch's gradients
             summed.total = [tf.zeros_like(variable) for variable in summed.variables]
