@@ -1,15 +1,29 @@
 """Files and folders written whole: a kill, a full disk or a power cut while writing
-leaves the old file (or none), never half of one; and output folders checked first."""
+leaves the old file (or none), never half of one; output folders checked first, and held
+by one run at a time. The same on Linux, macOS and Windows."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 from machinery.cli import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range locks instead
+    fcntl = None
+    import msvcrt
+
+LOCK_FILE = ".run.lock"  # holds the PID of the process that holds the folder (hold_folder)
+LOCKED_BYTE = 4096  # where Windows' lock sits: past the PID, which other processes then can read
+REPLACE_WAITS = (0.05, 0.1, 0.2, 0.5, 1, 2)  # seconds to wait, in turn, while Windows refuses a rename
+_HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
 
 
 def ensure_out_dir(path: str | os.PathLike, flag: str = "--out-dir") -> Path:
@@ -39,9 +53,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        _sync_file(tmp)
+        replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -56,25 +70,78 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         for written in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
-            _fsync(written)
-        _fsync(tmp)
+            _sync_folder(written) if written.is_dir() else _sync_file(written)
+        _sync_folder(tmp)
         if path.exists():
-            os.replace(path, old)
+            replace(path, old)
         try:
-            os.replace(tmp, path)
+            replace(tmp, path)
         except OSError:
             if old.exists():
-                os.replace(old, path)
+                replace(old, path)
             raise
-        _fsync(path.parent)
+        _sync_folder(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def replace(source: Path, target: Path) -> None:
+    """os.replace, tried again for a few seconds while it is refused: on Windows, another
+    program that has the target open (a spreadsheet, a virus scanner) blocks it for a while."""
+    for wait in (*REPLACE_WAITS, None):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if wait is None:
+                raise
+            time.sleep(wait)
+
+
+def _sync_file(path: Path) -> None:
+    """Flush a file's data to disk, through a handle that may write (Windows needs one)."""
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename) to disk; skipped on Windows, which cannot open a
+    folder and whose file system (NTFS) journals renames itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hold_folder(folder: Path) -> str | None:
+    """Hold `folder` for the rest of this process: a lock on its .run.lock, which the system
+    lets go of when the process ends, even killed. None once held; else the PID of the
+    process that holds it ("?" if unknown)."""
+    if folder.resolve() in _HELD:  # a notebook run again, in the same kernel
+        return None
+    lock = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (kept open: it is the lock)
+    try:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            os.lseek(lock.fileno(), LOCKED_BYTE, os.SEEK_SET)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+    except (BlockingIOError, PermissionError):  # held: PermissionError on Windows
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        return holder
+    lock.truncate(0)
+    lock.seek(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD[folder.resolve()] = lock
+    return None

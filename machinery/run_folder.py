@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
-import os
 import shutil
-import typing
 from pathlib import Path
 
 from machinery import cli, files, image_folder
@@ -50,8 +47,6 @@ RUN_OUTPUTS = ("config.json", "metrics.csv", "checkpoints", "checkpoints-*", "te
                network.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
                "latent_space.png", "interpolation.png", "training_curves.png", "generated.*", "analogies.png",
                ".evaluation-kept.npz", ".*.tmp.*")
-LOCK_FILE = ".run.lock"  # held by the process that trains in the folder (hold)
-_HELD: dict[Path, typing.IO] = {}  # the folders this process holds, and their open lock files
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -194,23 +189,10 @@ class Run:
 
 
 def hold(out_dir: Path) -> None:
-    """Hold the run folder for the rest of this process (an flock on .run.lock, which the
-    system lets go of when the process ends, even killed); refuse it while another holds it."""
-    if out_dir.resolve() in _HELD:  # a notebook run again, in the same kernel
-        return
-    lock = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 (kept open: it is the lock)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
+    """Hold the run folder for the rest of this process; refuse it while another holds it."""
+    if holder := files.hold_folder(out_dir):
         raise cli.UserError(f"{out_dir} is in use by a run in progress (process {holder}); let it "
-                            f"finish or stop it first, or use another --out-dir") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    _HELD[out_dir.resolve()] = lock
+                            f"finish or stop it first, or use another --out-dir")
 
 
 def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
