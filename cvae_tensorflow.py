@@ -1,10 +1,9 @@
 # %% [markdown]
 # # Convolutional Variational Autoencoder
 #
-# The TensorFlow [tutorial](https://www.tensorflow.org/tutorials/generative/cvae), cell by cell. It
-# stands alone: open it by itself on Colab (File > Upload notebook) or in Jupyter and run all. Pictures
-# go to the current folder; offline, set `CVAE_DATA` to a Keras-format `mnist.npz`. `network.py` holds
-# the same model and loss (a test keeps them equal); `train.py` trains them faster, and on colour images.
+# The TensorFlow [tutorial](https://www.tensorflow.org/tutorials/generative/cvae), cell by cell. Open
+# it alone on Colab (File > Upload notebook) or in Jupyter and run all; pictures go to the current folder,
+# and offline, `CVAE_DATA` names a Keras-format `mnist.npz`. `network.py` holds the same model and loss.
 
 # %%
 import glob
@@ -25,6 +24,7 @@ IN_NOTEBOOK = "ipykernel" in sys.modules
 if not IN_NOTEBOOK:  # run as a script: the pictures go to files, and no window opens
     matplotlib.use("Agg")
     warnings.filterwarnings("ignore", "FigureCanvasAgg is non-interactive")
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # GPU memory as needed: room for !python train.py
 
 # %% [markdown]
 # ## Settings

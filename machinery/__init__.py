@@ -3,7 +3,7 @@ what the scripts share. The tutorial's model, loss and train_step (network.py, t
 call none of it; train.py's loop hands train_step to it and records each epoch with it.
 
   cli         flags with their defaults in --help; one-line errors, exit code 2 for bad input
-  files       folders checked before use, files and folders written whole
+  files       folders checked before use and held by one run, files and folders written whole
   run_folder  config.json, --resume and --overwrite, metrics.csv, one run per folder
   records     a run's checkpoints, TensorBoard, progress bar, and what a checkpoint holds
   faults      Ctrl-C and SIGTERM between steps; a full disk or a lost worker in one line
@@ -13,7 +13,8 @@ call none of it; train.py's loop hands train_step to it and records each epoch w
   exact       gradients added two at a time, so that a seed repeats a run bit for bit
 
 Importing the package, or any module of it, first loads TensorFlow without its C++
-start-up logs (oneDNN and CUDA notices), so that a terminal shows the scripts' own lines.
+start-up logs (oneDNN and CUDA notices), so that a terminal shows the scripts' own lines,
+and lets a GPU's memory be taken as needed (TF_FORCE_GPU_ALLOW_GROWTH=false: all at once).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import sys
 
 TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+GPU_MEMORY_GROWTH = "TF_FORCE_GPU_ALLOW_GROWTH"  # TensorFlow's own switch, read when it starts a GPU
 
 
 def _load_tensorflow_quietly() -> None:
@@ -29,6 +31,7 @@ def _load_tensorflow_quietly() -> None:
     C++ libraries write there, not to sys.stderr), then log only its errors from then on;
     TF_CPP_MIN_LOG_LEVEL=0 or 1 keeps every line."""
     os.environ.setdefault(TF_LOG_LEVEL, "2")
+    os.environ.setdefault(GPU_MEMORY_GROWTH, "true")  # leave the rest to a notebook or another run
     if os.environ[TF_LOG_LEVEL] in ("0", "1"):
         return
     sys.stderr.flush()

@@ -1,5 +1,5 @@
 """What every script shares: flags with their defaults in --help, and one-line errors
-(exit code 2 for bad input, no traceback)."""
+(exit code 2 for bad input; 1 for a device's error, such as a GPU out of memory)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from machinery import TF_LOG_LEVEL
+
+# What TensorFlow's messages say when a GPU's cuDNN fails (often for want of memory).
+CUDNN_FAILURES = ("cudnn", "dnn library", "no algorithm worked", "convolution algorithm")
 
 
 class ScriptError(Exception):
@@ -93,7 +96,7 @@ def int_between(low: int, high: int) -> Callable[[str], int | float]:
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a script's main(); a ScriptError ends it in one line, with its exit code (2 for
-    a UserError, bad input), and Ctrl-C with exit code 130."""
+    a UserError, bad input), a device's error (out of memory) with 1 and Ctrl-C with 130."""
     prog = Path(sys.argv[0]).name
     _flush_every_line()
     try:
@@ -104,6 +107,31 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        if not (problem := device_error(error)):
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+
+
+def device_error(error: BaseException) -> str | None:
+    """What a device's error means, in one line with what to try: out of memory, or the GPU's
+    cuDNN failing; None for any other error."""
+    import tensorflow as tf  # loaded already (machinery/__init__.py): here, not to load it first
+
+    if not isinstance(error, tf.errors.OpError):
+        return None
+    text = " ".join(str(error).split())
+    lowered = text.lower()
+    where = "the GPU" if "gpu" in lowered else "the machine"
+    out_of_memory = "oom" in lowered or "out of memory" in lowered
+    if isinstance(error, tf.errors.ResourceExhaustedError) and out_of_memory:
+        return (f"{where} ran out of memory ({text[:120]}); try a smaller --batch-size, or end what "
+                f"else holds its memory (another notebook or script)")
+    if any(words in lowered for words in CUDNN_FAILURES):
+        return (f"the GPU's cuDNN failed ({text[:120]}); often its memory is short (try a smaller "
+                f"--batch-size) or the CUDA and cuDNN versions do not match this TensorFlow's")
+    return None
 
 
 def first_line(error: BaseException) -> str:

@@ -1,6 +1,6 @@
 """Faults: Ctrl-C or SIGTERM stop a run at the next step boundary with what is complete
-kept; an error of the machine (a full disk, a folder gone) or a lost worker ends it in
-one line that says what is saved and how to resume."""
+kept; an error of the machine (a full disk, a folder gone, a GPU out of memory) or a lost
+worker ends it in one line that says what is saved and how to resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from machinery import cli, run_folder
 
 import tensorflow as tf
 
-# Errors of the machine, not of the run: a full disk, a folder made read-only or gone.
+# Errors of the machine, not of the run: a full disk, a folder made read-only or gone
+# (and a device's: cli.device_error).
 MACHINE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
                   tf.errors.NotFoundError, tf.errors.DataLossError)
 # What a multi-worker run's collectives raise when a worker is gone, killed or silent.
@@ -20,11 +21,17 @@ LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededErro
                       tf.errors.AbortedError)
 
 
+def ends_run(error: Exception) -> bool:
+    """Whether `error` is the machine's, a lost worker's or a device's, not a bug's."""
+    return isinstance(error, (*MACHINE_ERRORS, *LOST_WORKER_ERRORS)) or bool(cli.device_error(error))
+
+
 def _cause(error: Exception) -> str:
     """An error's cause in a few words: the path and the reason, or the peer's last word."""
     if isinstance(error, OSError):
         path = error.filename2 or error.filename  # a rename's target, or the file written
-        return f"{path}: {error.strerror}" if path else str(error)
+        held = " (open in another program?)" if isinstance(error, PermissionError) else ""
+        return f"{path}: {error.strerror}{held}" if path else str(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     aborted = [i for i, line in enumerate(lines) if "aborted by:" in line]  # a collective's peer
     text = lines[aborted[-1]].split("aborted by:")[-1] if aborted else lines[0]
@@ -40,8 +47,8 @@ def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.Sc
         shutil.rmtree(unfinished, ignore_errors=True)
     saved = [run_folder.checkpoint_epoch(index) for index in checkpoint_dir.glob("ckpt-*.index")]
     lost = isinstance(error, LOST_WORKER_ERRORS)
-    what = (f"a worker of the run was lost ({_cause(error)})" if lost
-            else f"cannot write the run in {out_dir} ({_cause(error)})")
+    what = (f"a worker of the run was lost ({_cause(error)})" if lost else cli.device_error(error)
+            or f"cannot write the run in {out_dir} ({_cause(error)})")
     when = "on every worker" if lost else "once that is mended"
     if not saved:
         return cli.ScriptError(f"{what}; no epoch is saved yet: start the run again {when}", exit_code=1)
@@ -50,10 +57,11 @@ def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.Sc
 
 
 class GracefulStop:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into a request that the loop honours at the next
-    step boundary, so that what is complete stays complete. A second signal stops at once."""
+    """Turns SIGINT (Ctrl-C), SIGTERM and on Windows SIGBREAK (Ctrl-Break) into a request
+    that the loop honours at the next step boundary, so that what is complete stays complete.
+    A second signal stops at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []))
 
     def __enter__(self) -> GracefulStop:
         self.signal: int | None = None

@@ -1,7 +1,7 @@
 """A training run's start and end, around train.py's loop: the threads and the
 tf.distribute strategy, the run folder (checked, and set up by the chief before the other
 workers of a multi-worker run touch it), the seed; and an error of the machine or a lost
-worker, which ends the run in one line."""
+worker or a device, which ends the run in one line."""
 
 from __future__ import annotations
 
@@ -55,7 +55,9 @@ def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_fo
         tf.config.experimental.enable_op_determinism()
         tf.keras.utils.set_random_seed(run.config["seed"])
         yield run, Devices(strategy, shards, chief)
-    except (*faults.MACHINE_ERRORS, *faults.LOST_WORKER_ERRORS) as error:
+    except Exception as error:
+        if not faults.ends_run(error):
+            raise
         raise faults.interrupted(error, out_dir, out_dir / checkpoint_folder) from None
     if chief and (peak := cli.peak_memory_gib()) is not None:
         print(f"Peak memory (RSS): {peak:.2f} GiB")

@@ -1,24 +1,30 @@
-"""What the machine computes with, and the line a bf16 run prints where bfloat16 is emulated."""
+"""What the machine computes with, the line a bf16 run prints where bfloat16 is slower than
+float32, and a device's errors (out of memory, cuDNN) said as what they are."""
 
 from __future__ import annotations
 
-from machinery import hardware
+import sys
+
+from machinery import cli, faults, hardware
 
 import pytest
+import tensorflow as tf
+from conftest import assert_one_line_error, run_main
 
+import evaluate
 import train
 
 
-@pytest.mark.parametrize("flags, gpu, emulated", [
-    (frozenset({"avx2", "fma"}), False, True),  # AVX2 alone: TensorFlow emulates bfloat16
-    (frozenset({"avx2", "avx512f", "avx512_bf16"}), False, False),
-    (frozenset({"avx2", "amx_bf16"}), False, False),
-    (frozenset({"avx2"}), True, False),  # on a GPU: nothing to say
-    (None, False, False),  # flags unknown: nothing to say
+@pytest.mark.parametrize("flags, emulated", [
+    (frozenset({"avx2", "fma"}), True),  # AVX2 alone: TensorFlow emulates bfloat16
+    (frozenset({"avx2", "avx512f", "avx512_bf16"}), False),
+    (frozenset({"avx2", "amx_bf16"}), False),
 ])
-def test_bf16_is_called_emulated_only_on_a_cpu_without_bf16_maths(flags, gpu, emulated, monkeypatch):
+def test_on_linux_bf16_is_called_emulated_on_a_cpu_without_bf16_maths(flags, emulated, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(hardware, "has_gpu", lambda: gpu)
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
+    monkeypatch.setattr(hardware, "bf16_time_ratio", lambda: pytest.fail("timed where the flags tell"))
     assert hardware.bf16_is_emulated() is emulated
     warning = hardware.bf16_warning()
     if emulated:
@@ -26,6 +32,88 @@ def test_bf16_is_called_emulated_only_on_a_cpu_without_bf16_maths(flags, gpu, em
         assert "AVX2" in warning and "\n" not in warning
     else:
         assert warning is None
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin", "linux"])
+@pytest.mark.parametrize("ratio", [0.6, 9.5])
+def test_without_flags_to_go_by_a_short_timing_decides(platform, ratio, monkeypatch):
+    """Windows gives no flags, and macOS's (FEAT_BF16) do not say what TensorFlow uses."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None if platform != "darwin" else frozenset({"bf16"}))
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
+    monkeypatch.setattr(hardware, "bf16_time_ratio", lambda: ratio)
+    warning = hardware.bf16_warning()
+    assert (warning is not None) == (ratio > 1)
+    if warning:
+        assert "a short test ran 9.5 times as long in bfloat16 as in float32" in warning
+
+
+def test_the_timing_runs_and_touches_no_random_state():
+    tf.keras.utils.set_random_seed(7)
+    expected = tf.random.uniform((3,)).numpy(), tf.keras.random.normal((3,), seed=None).numpy()
+    tf.keras.utils.set_random_seed(7)
+    hardware.bf16_time_ratio.cache_clear()
+    assert hardware.bf16_time_ratio() > 0
+    after = tf.random.uniform((3,)).numpy(), tf.keras.random.normal((3,), seed=None).numpy()
+    assert all((a == b).all() for a, b in zip(after, expected))
+
+
+@pytest.mark.parametrize("name, capability, slower", [
+    ("Tesla T4", (7, 5), True), ("NVIDIA A100", (8, 0), False), ("NVIDIA H100", (9, 0), False)])
+def test_on_a_gpu_its_compute_capability_decides(name, capability, slower, monkeypatch):
+    monkeypatch.setattr(hardware, "has_gpu", lambda: True)
+    monkeypatch.setattr(hardware, "gpu_compute_capability", lambda: (name, capability))
+    warning = hardware.bf16_warning()
+    assert (warning is not None) == slower
+    if slower:
+        assert f"this GPU ({name}, compute capability 7.5) has no bfloat16 maths" in warning
+
+
+OUT_OF_MEMORY = tf.errors.ResourceExhaustedError(
+    None, None, "OOM when allocating tensor with shape[32,64,14,14] and type float on "
+                "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc [Op:Conv2D]")
+CUDNN = tf.errors.NotFoundError(None, None, "No algorithm worked!  Error messages: ... [Op:Conv2D]")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OUT_OF_MEMORY, "the GPU ran out of memory (OOM when allocating"),
+    (CUDNN, "the GPU's cuDNN failed (No algorithm worked!"),
+    (tf.errors.ResourceExhaustedError(None, None, "ckpt-1.data: No space left on device"), None),
+    (tf.errors.NotFoundError(None, None, "out/checkpoints; No such file or directory"), None),
+    (OSError(28, "No space left on device"), None),
+])
+def test_a_devices_errors_are_named_and_others_left_alone(error, expected):
+    problem = cli.device_error(error)
+    assert problem == expected if expected is None else problem.startswith(expected)
+    if problem:
+        assert "--batch-size" in problem and "\n" not in problem
+
+
+def test_running_out_of_memory_ends_a_run_in_one_line(tiny_npz, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise OUT_OF_MEMORY
+
+    monkeypatch.setattr(train, "test_set_elbo", out_of_memory)
+    out = tmp_path / "run"
+    code, stderr = run_main(train.main, ["--data", tiny_npz, "--out-dir", out, "--train-size", 64],
+                            "train.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "train.py", "the GPU ran out of memory (OOM when allocating", 1, code)
+    assert "try a smaller --batch-size" in stderr and "no epoch is saved yet" in stderr
+
+
+def test_running_out_of_memory_ends_other_scripts_in_one_line(tmp_path, capsys, monkeypatch):
+    def out_of_memory(argv):
+        raise OUT_OF_MEMORY
+
+    code, stderr = run_main(out_of_memory, [], "evaluate.py", capsys, monkeypatch)
+    assert_one_line_error(stderr, "evaluate.py", "the GPU ran out of memory", 1, code)
+    assert cli.run and evaluate.main  # the scripts' own main() go through cli.run the same way
+
+
+def test_a_refused_write_says_another_program_may_hold_the_file(tmp_path):
+    error = PermissionError(13, "Permission denied", str(tmp_path / "metrics.csv"))
+    line = str(faults.interrupted(error, tmp_path, tmp_path / "checkpoints"))
+    assert f"{tmp_path / 'metrics.csv'}: Permission denied (open in another program?)" in line
 
 
 def test_the_instruction_sets_are_named(monkeypatch):
@@ -42,7 +130,7 @@ def test_this_machines_flags_are_read():
 @pytest.mark.parametrize("emulated", [True, False])
 def test_a_bf16_run_says_so_before_training_where_bf16_is_emulated(emulated, tiny_npz, tmp_path,
                                                                     capsys, monkeypatch):
-    monkeypatch.setattr(hardware, "bf16_is_emulated", lambda: emulated)
+    monkeypatch.setattr(hardware, "bf16_slowdown", lambda: "this CPU has none" if emulated else None)
     train.main([str(arg) for arg in ("--data", tiny_npz, "--precision", "bf16", "--epochs", "1",
                                      "--train-size", 64, "--test-size", 32, "--out-dir", tmp_path / "run")])
     lines = capsys.readouterr().out.splitlines()
