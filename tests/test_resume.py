@@ -95,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, data, refere
     process = start_and_wait_for_epoch(train_args(data, out), out, epoch=0)
     process.kill()
     process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == (1 if sys.platform == "win32" else -signal.SIGKILL)  # TerminateProcess there
     assert not (out / "cvae.gif").exists()  # it really stopped before the end
 
     # Settings from config.json; and the killed run no longer holds the folder.
@@ -105,6 +105,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_run(tmp_path, data, refere
     assert_same_run(out, reference)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows sends a child process neither SIGINT nor "
+                    "SIGTERM (send_signal ends it at once); Ctrl-C there is the same GracefulStop")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, data, reference, sig, code):
@@ -274,6 +276,8 @@ def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, ca
 @pytest.mark.parametrize("where, expected", [("file", "is a file, not a folder"),
                                              ("read-only", "is not writable")])
 def test_an_unusable_out_dir_is_refused(tmp_path, data, where, expected):
+    if where == "read-only" and not sys.platform.startswith("linux"):
+        pytest.skip("/sys is read-only on Linux alone")
     out = tmp_path / "notes.txt" if where == "file" else Path("/sys")  # read-only even for root
     if where == "file":
         out.write_text("keep me\n")
@@ -327,8 +331,8 @@ def small_disk(tmp_path) -> Path:
     """A 3 MiB file system (tmpfs), where this machine lets a test mount one."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs",
+                                                    str(mount)], capture_output=True).returncode != 0:
         pytest.skip("mounting a file system needs root (or CAP_SYS_ADMIN)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)

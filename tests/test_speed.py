@@ -165,13 +165,13 @@ def test_a_loss_of_unknown_batch_size_in_shards_is_the_whole_batchs():
 
 SHARDS_AND_THREADS = """
 import sys
-from machinery import speed
+from machinery import distribute, speed
 import tensorflow as tf
 if sys.argv[1] == "started":
     tf.constant(1.0) + 1.0  # TensorFlow starts with its default threads
 shards = speed.setup_shards(int(sys.argv[2]) or None)
 print(shards, tf.config.threading.get_inter_op_parallelism_threads(),
-      tf.config.threading.get_intra_op_parallelism_threads(), len(__import__("os").sched_getaffinity(0)))
+      tf.config.threading.get_intra_op_parallelism_threads(), distribute.available_cores())
 """
 
 
