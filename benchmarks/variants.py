@@ -140,8 +140,8 @@ class Variant:
     def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
               shards: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        step_loop = steps.StepLoop(train.train_step, self.model, self.optimizer, rng, shards=shards,
-                                   prepare=dataset.binarize)
+        train_step = steps.CompiledStep(train.train_step, self.model, self.optimizer, rng, shards=shards,
+                                        prepare=dataset.binarize)
         test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards, dataset.binarize)
         no_classes = np.zeros(len(test_images), np.uint8)  # the tutorial's CVAE takes none
         test_batches = dataset.make_batches((test_images, no_classes), dataset.EVAL_BATCH_SIZE)
@@ -150,13 +150,13 @@ class Variant:
 
         def timed_steps(count: int) -> None:
             images = train_images[:min(count, num_full_batches) * batch_size]
-            for _ in step_loop.epoch_losses(images, batch_size, steps_per_call):
-                pass
+            for train_x in steps.blocks(images, batch_size, steps_per_call=steps_per_call):
+                train_step(self.model, train_x, self.optimizer)
 
         def epoch(number: int) -> None:  # what train.fit does, less its outputs
             order = dataset.epoch_order(len(train_images), train.SEED, number)
-            for _ in step_loop.epoch_losses(train_images, batch_size, steps_per_call, order):
-                pass
+            for train_x in steps.blocks(train_images, batch_size, order, steps_per_call=steps_per_call):
+                train_step(self.model, train_x, self.optimizer)
 
         self.steps, self.epoch = timed_steps, epoch
         self.evaluate = lambda: train.test_set_elbo(test_loss, test_batches)

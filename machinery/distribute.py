@@ -1,4 +1,4 @@
-"""Many devices with tf.distribute: --strategy and --devices, each replica's share of a
+"""Many devices with tf.distribute: --strategy and --devices, each replica's part of a
 batch, which process writes the run's outputs, and a line saying what the run runs on."""
 
 from __future__ import annotations
@@ -71,18 +71,19 @@ def describe(strategy: tf.distribute.Strategy, shards: int = 1) -> str:
     return f"Device: {where}"
 
 
-def replica_share(tensor: tf.Tensor) -> tf.Tensor:
-    """This replica's consecutive share of a batch's first axis (all of it on one device)."""
+def replica_batch(tensor: tf.Tensor) -> tf.Tensor:
+    """This replica's batch: its consecutive part of the global batch's first axis (all of it
+    on one device)."""
     context = tf.distribute.get_replica_context()
     replica, replicas = context.replica_id_in_sync_group, context.num_replicas_in_sync
     if replicas == 1:
         return tensor
     known = tf.get_static_value(replica)  # static slices, where the id is known
-    return split_slice(tensor, int(known) if known is not None else replica, replicas)
+    return consecutive_part(tensor, int(known) if known is not None else replica, replicas)
 
 
-def split_slice(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Tensor:
-    """The `index`-th of `count` consecutive, near-equal slices of `tensor`'s first axis."""
+def consecutive_part(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Tensor:
+    """The `index`-th of `count` consecutive, near-equal parts of `tensor`'s first axis."""
     size = tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]
     return tensor[size * index // count:size * (index + 1) // count]
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli, data_files, image_decoding
+from machinery import cli, data_files, image_decoding, steps
 
 import numpy as np
 import pytest
@@ -35,6 +35,14 @@ def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) ->
             image[3 + 2 * label : 7 + 2 * label, 5:23] = 255
         arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
     return arrays
+
+
+def epoch_losses(compiled_step: steps.CompiledStep, images, batch_size: int = 32, **options) -> np.ndarray:
+    """What train.fit does with an epoch, less its records: the compiled train_step on each
+    Block of the images' batches (steps.blocks' `options`); the losses, a batch each."""
+    model, optimizer = compiled_step.model, compiled_step.optimizer
+    return np.concatenate([compiled_step(model, train_x, optimizer)
+                           for train_x in steps.blocks(images, batch_size, **options)])
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -55,9 +55,10 @@ def test_a_tape_adds_gradients_in_pairs_within_the_context_and_not_after():
 @pytest.mark.parametrize("kl", network.KL_ESTIMATORS)
 def test_the_loops_train_step_adds_gradients_two_at_a_time(precision, kl, shards):
     model = network.CVAE(2, precision)
-    loop = steps.StepLoop(functools.partial(train.train_step, kl=kl), model,
-                          tf.keras.optimizers.Adam(1e-4), tf.random.Generator.from_seed(0), shards=shards)
-    graph = loop._steps.get_concrete_function(
+    compiled_step = steps.CompiledStep(functools.partial(train.train_step, kl=kl), model,
+                                       tf.keras.optimizers.Adam(1e-4), tf.random.Generator.from_seed(0),
+                                       shards=shards)
+    graph = compiled_step._steps.get_concrete_function(
         tf.TensorSpec((1, 4, 28, 28, 1)), tf.TensorSpec((), tf.int32)).graph.as_graph_def()
     sizes = sum_sizes(graph)
     assert sizes and max(sizes) == 2, sizes

@@ -11,7 +11,7 @@ from machinery import speed, steps
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT
+from conftest import ROOT, epoch_losses
 
 import evaluate
 import network
@@ -127,20 +127,20 @@ def test_bf16_bias_gradients_are_summed_in_float32(kind):
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
 @pytest.mark.parametrize("shards", [2, 3])
 def test_a_step_in_shards_is_the_whole_batch_step(shards, optimizer_name):
-    """The batch cut into pieces (even or not) gives the same losses and weights, to
-    rounding; the last batch, of one image, has a single piece."""
+    """The batch cut into shards (even or not) gives the same losses and weights, to
+    rounding; the last batch, of one image, has a single shard."""
     images = tf.constant((np.random.default_rng(5).random((65, 28, 28, 1)) < 0.2).astype(np.float32))
     tf.keras.utils.set_random_seed(5)
     initial = network.CVAE(2).get_weights()
     results = []
-    for pieces in (1, shards):
+    for pieces in (1, shards):  # the whole batch, then in shards
         model = network.CVAE(2)
         model.set_weights(initial)
         optimizer = (tf.keras.optimizers.SGD(1e-2) if optimizer_name == "sgd"
                      else tf.keras.optimizers.Adam(1e-3))
-        loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(5),
-                              shards=pieces)
-        losses = np.concatenate([losses for _, losses in loop.epoch_losses(images, 32)])
+        compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
+                                           tf.random.Generator.from_seed(5), shards=pieces)
+        losses = epoch_losses(compiled_step, images)
         results.append((losses, model.get_weights()))
     (whole_losses, whole_weights), (losses, weights) = results
     assert len(losses) == 3

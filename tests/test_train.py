@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_mnist_arrays
+from conftest import epoch_losses, make_mnist_arrays
 
 import dataset
 import network
@@ -36,8 +36,8 @@ def test_train_steps_have_finite_gradients_and_lower_the_loss():
     first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
     weights_before = [w.numpy() for w in model.trainable_variables]
     first_loss = network.compute_loss(model, x, first_eps)
-    loop = steps.StepLoop(train.train_step, model, optimizer, rng)
-    losses = np.concatenate([losses for _, losses in loop.epoch_losses(tf.concat([x] * 5, 0), 32)])
+    compiled_step = steps.CompiledStep(train.train_step, model, optimizer, rng)
+    losses = epoch_losses(compiled_step, tf.concat([x] * 5, 0))
     assert losses.shape == (5,)
     np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
     assert any(not np.array_equal(a, b.numpy())
@@ -51,8 +51,9 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     model = network.CVAE(2)
     optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
     images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
-    loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(4))
-    calls = list(loop.epoch_losses(images, batch_size=32, steps_per_call=2))
+    compiled_step = steps.CompiledStep(train.train_step, model, optimizer, tf.random.Generator.from_seed(4))
+    calls = [(block.first, compiled_step(model, block, optimizer))
+             for block in steps.blocks(images, batch_size=32, steps_per_call=2)]
     assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
     losses = np.concatenate([losses for _, losses in calls])
 
@@ -101,12 +102,12 @@ def test_an_epoch_prepares_uint8_batches_in_the_epoch_order():
     for stored in ("uint8", "float32 in order"):
         tf.keras.utils.set_random_seed(7)
         model = network.CVAE(2)
-        loop = steps.StepLoop(train.train_step, model, tf.keras.optimizers.Adam(1e-3),
-                              tf.random.Generator.from_seed(7),
-                              prepare=dataset.binarize if stored == "uint8" else None)
-        calls = (loop.epoch_losses(pixels, 32, steps_per_call=2, order=order) if stored == "uint8"
-                 else loop.epoch_losses(dataset.binarize(pixels[order]), 32, steps_per_call=2))
-        losses[stored] = np.concatenate([batch_losses for _, batch_losses in calls])
+        compiled_step = steps.CompiledStep(train.train_step, model, tf.keras.optimizers.Adam(1e-3),
+                                           tf.random.Generator.from_seed(7),
+                                           prepare=dataset.binarize if stored == "uint8" else None)
+        losses[stored] = (
+            epoch_losses(compiled_step, pixels, order=order, steps_per_call=2) if stored == "uint8"
+            else epoch_losses(compiled_step, dataset.binarize(pixels[order]), steps_per_call=2))
     assert losses["uint8"].shape == (4,)
     np.testing.assert_array_equal(losses["uint8"], losses["float32 in order"])
 
@@ -157,9 +158,9 @@ def test_the_train_step_trains_with_network_compute_loss(monkeypatch):
             model = network.CVAE(2)
             optimizer = tf.keras.optimizers.Adam(1e-3)
             before = [w.numpy() for w in model.trainable_variables]
-            loop = steps.StepLoop(train.train_step, model, optimizer, tf.random.Generator.from_seed(6),
-                                  shards=shards)
-            list(loop.epoch_losses(tf.concat([x] * 3, 0), 32))
+            compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
+                                               tf.random.Generator.from_seed(6), shards=shards)
+            epoch_losses(compiled_step, tf.concat([x] * 3, 0))
             moved[name, shards] = [not np.array_equal(a, b.numpy())
                                    for a, b in zip(before, model.trainable_variables)]
     for shards in (1, 2):
