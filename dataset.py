@@ -101,7 +101,9 @@ def load_data(
         arrays = _download(name)
     else:
         arrays = (data_files.read_idx_folder if Path(path).is_dir() else data_files.read_npz)(Path(path))
-    class_names = tuple(arrays.get("class_names", CLASS_NAMES[name]))
+    # The file's own class names, else --dataset's: as many as its labels use (8 for 0..7).
+    used = 1 + max(int(np.max(arrays[f"y_{split}"], initial=0)) for split in ("train", "test"))
+    class_names = tuple(arrays.get("class_names", CLASS_NAMES[name][:used]))
     splits = []
     for split, size in (("train", train_size), ("test", test_size)):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -181,11 +183,8 @@ def with_channels(images: np.ndarray) -> np.ndarray:
 
 
 def binarize(images: np.ndarray | tf.Tensor) -> tf.Tensor:
-    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C): 1.0 where pixel / 255 > 0.5, else 0.0.
-
-    The tutorial's static binarization, compared in uint8 (pixel > 127), a batch at a
-    time: the stored images stay uint8.
-    """
+    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C): 1.0 where pixel / 255 > 0.5, else 0.0,
+    the tutorial's static binarization compared in uint8 (pixel > 127), a batch at a time."""
     return tf.cast(_with_channel_axis(images) > 127, tf.float32)
 
 
@@ -220,8 +219,8 @@ def eval_batch_size(shape: Sequence[int]) -> int:
 
 def make_batches(images: tf.Tensor | np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Batches of `images` as stored; the last may be smaller."""
-    # In memory, a batch is a slice: the autotuner has nothing to tune, and its thread
-    # stalls the iterator's shutdown (docs/speed.md#in-memory-batches).
+    # In memory, a batch is a slice: the autotuner has nothing to tune, and its thread stalls
+    # the iterator's shutdown (docs/speed.md#several-steps-per-call-in-memory-batches-the-test-elbo).
     options = tf.data.Options()
     options.autotune.enabled = False
     return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).with_options(options)
@@ -273,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     width = max(12, *(len(name) + 4 for name in names))
     print(f"  {'class':{width}s}" + "".join(f"{name:>8s}" for name in splits))
     counts = {name: np.bincount(labels, minlength=len(names)) for name, (_, labels) in splits.items()}
-    numbered = names != pictures.DIGITS  # MNIST's class names are its labels: once is enough
+    numbered = names != pictures.DIGITS[:len(names)]  # MNIST's class names are its labels: once is enough
     for label in range(len(names)):
         row = f"{label} {names[label]}" if numbered else names[label]
         print(f"  {row:{width}s}" + "".join(f"{counts[split][label]:8d}" for split in splits))

@@ -43,7 +43,7 @@ IW_SAMPLES = 100
 IWAE_IMAGES = 32  # test images a batch of the IWAE bound: what a stopped evaluation keeps
 KEPT_FILE = ".evaluation-kept.npz"  # in the run folder, until the evaluation is complete
 # Decoded images per call of the IWAE bound for the tutorial's decoder: the K draws of a
-# batch are taken in chunks, so memory stays bounded (a few hundred MB) whatever K is.
+# batch are taken in chunks, so memory stays bounded whatever K is.
 DECODES_PER_CALL = 4096
 TUTORIALS_LARGEST_ACTIVATION = 28 * 28 * 32  # floats per decode, at the decoder's widest layer
 
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
         written.append("interpolation.png")
     if config["latent_dim"] == 2 and not model.num_classes:
-        pictures.save_latent_images(model, out_dir / "latent_manifold.png")
+        pictures.save_latent_manifold(model, out_dir / "latent_manifold.png")
         written.append("latent_manifold.png")
     print(f"Wrote {', '.join(written)} in {out_dir}/, and the latent means of {shown:,} test images "
           f"for TensorBoard's Projector (tensorboard --logdir {out_dir})")

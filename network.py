@@ -1,11 +1,10 @@
 """The tutorial's convolutional VAE and its loss: cells 15 and 17, as the tutorial wrote them.
 
-The encoder maps an image x to a diagonal Gaussian q(z|x) = N(mean, exp(logvar)); the
-decoder maps a latent z to the logits of 28x28 Bernoulli pixels, p(x|z); the prior p(z)
-is N(0, I). Training maximizes the ELBO, log p(x|z) + log p(z) - log q(z|x), estimated
-with one sample z ~ q(z|x) per image; the loss is its negative, averaged over the batch.
-The tutorial's "Next steps" are arguments of CVAE: more filters, other image shapes, and
-a discretized logistic p(x|z) for 8-bit pixels.
+The encoder gives q(z|x), a diagonal Gaussian, and the decoder p(x|z), a Bernoulli per
+pixel; compute_loss is minus the ELBO, log p(x|z) + log p(z) - log q(z|x), with one sample
+z ~ q(z|x) an image. CVAE's other arguments are the tutorial's "Next steps" (more filters,
+other image shapes, a discretized logistic p(x|z) for 8-bit pixels) and a conditional
+model's classes.
 
     python network.py                    # summaries, parameter counts, a forward pass
     python network.py --filters 512      # the bigger network of the tutorial's "Next steps"

@@ -93,9 +93,10 @@ def save_gif(frames: Sequence[Path], path: Path, seconds_per_frame: float = 0.5)
         iio.imwrite(tmp, np.stack(images), duration=seconds_per_frame * 1000, loop=0)
 
 
-def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE) -> np.ndarray:
-    """Decode an n x n grid of the latent plane, at the normal quantiles 0.05..0.95 (ndtri is
-    the tutorial's Normal.quantile), into one image: z[0] by column, z[1] by row."""
+def latent_manifold(model: CVAE, n: int = MANIFOLD_SIZE) -> np.ndarray:
+    """The tutorial's plot_latent_images, returning its image: an n x n grid of the latent
+    plane decoded at the normal quantiles 0.05..0.95 (ndtri is the tutorial's Normal.quantile),
+    z[0] by column, z[1] by row."""
     grid = tf.math.ndtri(tf.linspace(0.05, 0.95, n)).numpy()
     z_row, z_column = np.meshgrid(grid, grid, indexing="ij")
     z = np.stack([z_column.ravel(), z_row.ravel()], axis=1).astype(np.float32)
@@ -105,10 +106,10 @@ def plot_latent_images(model: CVAE, n: int = MANIFOLD_SIZE) -> np.ndarray:
     return manifold[..., 0] if channels == 1 else manifold
 
 
-def save_latent_images(model: CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
+def save_latent_manifold(model: CVAE, path: Path, n: int = MANIFOLD_SIZE) -> None:
     """The manifold as a PNG, one pixel per decoded pixel (560 x 560 for n = 20)."""
     with files.atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.round(plot_latent_images(model, n) * 255).astype(np.uint8))
+        iio.imwrite(tmp, np.round(latent_manifold(model, n) * 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------

@@ -1,10 +1,8 @@
-"""Train the CVAE with the tutorial's recipe, and draw what it learned.
+"""Train the CVAE with the tutorial's recipe, its defaults, and draw what it learned.
 
-The defaults are the tutorial's: binarized MNIST, batch 32, latent_dim 2, Adam 1e-4,
-10 epochs, the single-sample Monte Carlo ELBO and a custom tf.GradientTape step. A run
-writes into --out-dir a 4x4 grid of test images per epoch, cvae.gif, latent_manifold.png,
-metrics.csv, config.json, checkpoints/ and tensorboard/. Stopped at any moment, it goes
-on with --resume from its last complete epoch, as if it had never stopped.
+A run writes into --out-dir a 4x4 grid of test images per epoch, cvae.gif,
+latent_manifold.png, metrics.csv, config.json, checkpoints/ and tensorboard/. Stopped at
+any moment, it goes on with --resume from its last complete epoch, as if never stopped.
 
     python train.py                                  # the tutorial
     python train.py --data mnist.npz --epochs 1 --train-size 2000   # a quick look
@@ -191,7 +189,7 @@ def save_final_outputs(model: network.CVAE, config: dict, run: run_folder.Run) -
                                 run_folder.class_names(config))
         print(f"Wrote {out_dir / 'analogies.png'}")
     elif config["latent_dim"] == 2:  # (a conditional model's manifold would need a class)
-        pictures.save_latent_images(model, out_dir / "latent_manifold.png")
+        pictures.save_latent_manifold(model, out_dir / "latent_manifold.png")
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
         print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")

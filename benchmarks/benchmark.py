@@ -1,11 +1,10 @@
 """How fast the CVAE trains and evaluates on this machine, next to the tutorial's recipe.
 
-    python benchmarks/benchmark.py --data mnist.npz          # about 9 minutes on 2 cores
+    python benchmarks/benchmark.py --data mnist.npz
     python benchmarks/benchmark.py --train-size 12800 --repeats 1   # a quick look
 
-Each variant trains the same model, from the same start, with batch 32, in a process of
-its own (TensorFlow's thread settings hold for a whole process). Each adds one idea to
-the one above it:
+Each variant trains the same model from the same start at batch 32, in a process of its own
+(TensorFlow's thread settings hold for a whole process), adding one idea to the one above:
 
   tutorial        the tutorial's code: compute_loss, train_step and Keras' kernels, a
                   shuffle(60000).batch(32) pipeline, one step per tf.function call, an
@@ -17,14 +16,9 @@ the one above it:
   fp32            the batch in shards, a core each (train.py as it runs by default)
   bf16            train.py --precision bf16
 
-Each is timed three ways: the compiled train step alone (on batches already in memory,
-after warm-up), a whole epoch (the input pipeline included) and the test-set ELBO. The
-figures are medians over --repeats, the variants taking turns, so that a slow moment of
-a shared machine hits them alike. A fp32 and a bf16 matmul, timed in the same run, show
-what the machine can do: the step's GFLOP/s are given as a fraction of the fp32 one.
-A last line times evaluate.py's IWAE bound, in decodes/s and as a fraction of the fp32
-matmul. The CPU is named, and a bf16 row marked "emulated" where it has no bfloat16
-instructions. Printed, and written with every raw timing to --out-dir/benchmark.json.
+Each is timed on its compiled step, a whole epoch and the test-set ELBO, as medians over
+--repeats with the variants taking turns; a fp32 and a bf16 matmul timed in the same run,
+and evaluate.py's IWAE bound, close the table. docs/speed.md explains each column.
 """
 
 from __future__ import annotations

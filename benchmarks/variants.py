@@ -55,7 +55,7 @@ def forward_flops(model: network.CVAE) -> tuple[int, int]:
 
 
 def decode_flops(model: network.CVAE) -> int:
-    """The FLOPs of one decode, z to logits (9.49 MFLOP for the tutorial's decoder)."""
+    """The FLOPs of one decode, z to logits."""
     return sum(model_size.layer_flops(model.decoder.layers))
 
 

@@ -1,8 +1,7 @@
 """The run folder: a new run, a resumed one, or a refusal before anything is written.
 
-config.json holds a run's settings and a fingerprint of its data; --resume continues
-from the latest intact checkpoint with those settings, --overwrite replaces the run.
-metrics.csv holds a row per epoch. Everything is written whole (files.atomic_path).
+config.json holds a run's settings and a fingerprint of its data: --resume continues from
+the latest intact checkpoint with them, and --overwrite replaces the run.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ OUT_DIR = "output"
 RUN_SETTINGS = ("latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
                 "kl", "dataset", "precision", "filters", "likelihood", "image_size", "channels",
                 "test_fraction", "beta", "conditional")
-# What runs from before a setting existed used, for --resume and evaluate.py.
+# A setting's value where config.json lacks it (a run older than the setting).
 SETTING_DEFAULTS = {"kl": "mc", "dataset": "mnist", "precision": "fp32", "filters": None,
                     "likelihood": "bernoulli", "image_shape": list(network.IMAGE_SHAPE),
                     "image_size": None, "channels": None, "beta": 1.0, "conditional": False,

@@ -201,3 +201,16 @@ def test_fashion_mnist_comes_from_its_own_keras_loader(monkeypatch, tiny_arrays)
                         lambda: ((a["x_train"], a["y_train"]), (a["x_test"], a["y_test"])))
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", lambda: pytest.fail("not MNIST"))
     assert_same_as(dataset.load_data(name="fashion_mnist").splits, tiny_arrays)
+
+
+def test_data_of_fewer_classes_has_as_many_class_names(tmp_path, capsys):
+    """A file of labels 0..7, read as --dataset mnist: eight classes, and dataset.py's table
+    has a row for each of them alone."""
+    arrays = make_mnist_arrays(num_train=80, num_test=16)
+    arrays["y_train"], arrays["y_test"] = arrays["y_train"] % 8, arrays["y_test"] % 8
+    path = tmp_path / "eight.npz"
+    np.savez(path, **arrays)
+    assert dataset.load_data(str(path)).class_names == tuple("01234567")
+    dataset.main(["--data", str(path), "--out-dir", str(tmp_path / "out")])
+    table = capsys.readouterr().out.split("Images per class:")[1].split("total")[0]
+    assert [row.split()[0] for row in table.splitlines() if row.strip()][1:] == list("01234567")

@@ -76,7 +76,7 @@ class LatentEcho:
 
 
 def test_manifold_walks_the_normal_quantiles():
-    image = pictures.plot_latent_images(LatentEcho(), n=5)
+    image = pictures.latent_manifold(LatentEcho(), n=5)
     assert image.shape == (5 * 28, 5 * 28)
     quantiles = [NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, 5)]
     expected = 1 / (1 + np.exp(-np.array(quantiles)))
@@ -87,7 +87,7 @@ def test_manifold_walks_the_normal_quantiles():
 
 def test_manifold_png_is_written(tmp_path):
     model = network.CVAE(2)
-    pictures.save_latent_images(model, tmp_path / "latent_manifold.png")
+    pictures.save_latent_manifold(model, tmp_path / "latent_manifold.png")
     image = iio.imread(tmp_path / "latent_manifold.png")
     assert image.shape == (560, 560) and image.dtype == np.uint8  # 20 x 20 digits, grey
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
