@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
-    speed.use_fast_kernels(model, vectorized=True)  # same variables, same maths: machinery/speed.py
+    speed.depthwise_logits(model, vectorized=True)  # a faster IWAE bound (machinery/speed.py)
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]

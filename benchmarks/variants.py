@@ -94,13 +94,14 @@ class Variant:
         self.optimizer.build(self.model.trainable_variables)
         self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
         self.plain_model.set_weights(self.model.get_weights())
-        speed.use_fast_kernels(self.plain_model, vectorized=True)  # as evaluate.py does
+        speed.depthwise_logits(self.plain_model, vectorized=True)  # as evaluate.py does
         self.iwae_images = dataset.binarize(test_images[:IWAE_IMAGES])
         self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), iw_samples, train.LATENT_DIM))
         if name == "tutorial":  # Keras' own kernels, on images binarized up front as the tutorial does
             self._tutorial(dataset.binarize(train_images).numpy(), dataset.binarize(test_images).numpy())
         else:
-            speed.use_fast_kernels(self.model)  # as train.py does
+            speed.float32_bias_gradients(self.model)  # as train.py does
+            speed.depthwise_logits(self.model)
             self._port(train_images, test_images,
                        steps_per_call=steps_per_call, shards=shards)
 

@@ -1,20 +1,25 @@
-"""The machinery around the tutorial's code: what runs it fast, exactly and safely, and
-what the scripts share. The tutorial's model, loss and train_step (network.py, train.py)
-call none of it; train.py's loop hands train_step to it and records each epoch with it.
+"""The machinery around the tutorial's code: what runs it fast and safely, and what the
+scripts share; the tutorial's model, loss and train_step (network.py, train.py) call none of
+it, and train.fit compiles train_step with it (steps.CompiledStep). Its modules:
 
-  cli         flags with their defaults in --help; one-line errors, exit code 2 for bad input
-  files       folders checked before use and held by one run, files and folders written whole
-  run_folder  config.json, --resume and --overwrite, metrics.csv, one run per folder
-  records     a run's checkpoints, TensorBoard, progress bar, and what a checkpoint holds
-  faults      Ctrl-C and SIGTERM between steps; a full disk or a lost worker in one line
-  distribute  tf.distribute: --strategy, each replica's share, the chief, the workers' agreement
-  steps       train_step run many steps a tf.function call, its batch in replicas and shards
-  speed       faster kernels swapped into the built model, threads for the shards
-  exact       gradients added two at a time, so that a seed repeats a run bit for bit
+  cli             flags with their defaults in --help; one-line errors (exit code 2 for bad input)
+  files           folders checked before use and held by one run, files and folders written whole
+  run_folder      config.json, --resume and --overwrite, one run per folder
+  records         checkpoints, metrics.csv, TensorBoard and the progress bar of a run
+  faults          Ctrl-C and SIGTERM between steps; a full disk, a GPU out of memory, a lost worker
+  launch          a training run's start and end, around train.fit
+  distribute      tf.distribute: --strategy, each replica's batch, the chief, the workers' agreement
+  steps           train_step compiled: many steps a tf.function call, in replicas and shards
+  speed           bf16's bias gradients in float32, faster logits on AVX-512, the shards' threads
+  hardware        the CPU or GPU, and whether bf16 pays there
+  data_files      Keras .npz and MNIST IDX files, read and checked
+  image_folder    a folder of images: its classes, split and fingerprint; image_decoding decodes it
+  resumable       evaluate.py's kept batches, so that a stopped evaluation goes on
+  projector       TensorBoard's Projector files; model_size, a model's parameters and FLOPs
 
-Importing the package, or any module of it, first loads TensorFlow without its C++
-start-up logs (oneDNN and CUDA notices), so that a terminal shows the scripts' own lines,
-and lets a GPU's memory be taken as needed (TF_FORCE_GPU_ALLOW_GROWTH=false: all at once).
+Importing the package, or any module of it, first loads TensorFlow without its C++ start-up
+logs, so that a terminal shows the scripts' own lines, and lets a GPU's memory be taken as
+needed (TF_FORCE_GPU_ALLOW_GROWTH=false: all at once).
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
-"""Speed: faster kernels swapped into a built model, and threads for the shards. Each does
-the tutorial's maths; tests/test_speed.py checks each against Keras' own layer, and
-docs/speed.md measures them.
+"""Kernels and threads: another call for some layers of a built model (the same variables,
+the tutorial's maths, as tests/test_speed.py checks against Keras' layers), and threads for
+the shards; docs/speed.md says what each buys, measured.
 
-- use_fast_kernels(model): in bf16, convolutions whose bias gradient is summed in float32
-  (Keras' CPU kernel sums bfloat16 in bfloat16 and stalls); and the logits layer (stride 1,
-  to one channel) as a depthwise convolution, on CPUs with AVX-512, where it is faster than
-  the transposed one (with AVX2 alone it is slower). The layers keep their variables: only
-  how they compute changes. tf.vectorized_map (evaluate.py) takes the depthwise kernel too.
-- setup_shards: one core an op, several ops at once, for a batch cut into shards
-  (machinery/steps.py), instead of TensorFlow's default threads.
+- float32_bias_gradients(model), for bf16 training: its convolutions' bias gradients in float32.
+- depthwise_logits(model): the logits layer as a depthwise convolution, on AVX-512 CPUs.
+- setup_shards: one core an op and several ops at once, for a batch cut into shards (steps.py).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from machinery import cli, distribute, hardware
 
@@ -81,13 +78,25 @@ def is_logits_shape(layer: tf.keras.layers.Layer) -> bool:
             and layer.compute_dtype == "float32")
 
 
-def _faster_class(layer: tf.keras.layers.Layer, depthwise_logits: bool) -> type | None:
-    if type(layer) is tf.keras.layers.Conv2DTranspose and depthwise_logits and is_logits_shape(layer):
-        return DepthwiseLogits
-    if layer.compute_dtype == "bfloat16":
-        return {tf.keras.layers.Conv2D: BF16Conv2D,
-                tf.keras.layers.Conv2DTranspose: BF16Conv2DTranspose}.get(type(layer))
-    return None
+def _swap_classes(model: tf.keras.layers.Layer, new_class: Callable[[tf.keras.layers.Layer], type | None]
+                  ) -> list[str]:
+    """Give each of the model's layers (nested too) the class new_class(layer) names, if any:
+    the same variables, another call. Returns the names of the layers changed."""
+    changed = []
+    for layer in getattr(model, "layers", []):
+        if (subclass := new_class(layer)) is not None:
+            layer.__class__ = subclass
+            changed.append(layer.name)
+        changed += _swap_classes(layer, new_class)
+    return changed
+
+
+def float32_bias_gradients(model: tf.keras.layers.Layer) -> list[str]:
+    """In a bf16 model, the convolutions whose bias gradient is summed in float32 (Keras' CPU
+    kernel sums bfloat16 in bfloat16, and the biases barely learn); nothing in fp32."""
+    bf16_classes = {tf.keras.layers.Conv2D: BF16Conv2D, tf.keras.layers.Conv2DTranspose: BF16Conv2DTranspose}
+    return _swap_classes(model, lambda layer: bf16_classes.get(type(layer))
+                         if layer.compute_dtype == "bfloat16" else None)
 
 
 def _vectorize_shared_depthwise_kernels() -> bool:
@@ -120,29 +129,21 @@ def _vectorize_shared_depthwise_kernels() -> bool:
 
 
 def depthwise_logits_pay() -> bool:
-    """Whether the depthwise logits kernel is the faster one here: on a CPU with AVX-512
-    (measured in docs/speed.md), not with AVX2 alone nor on a GPU."""
+    """Whether the depthwise logits kernel is the faster one: on a CPU with AVX-512
+    (docs/speed.md), not with AVX2 alone nor on a GPU."""
     return not hardware.has_gpu() and "AVX-512" in hardware.instruction_sets()
 
 
-def use_fast_kernels(model: tf.keras.layers.Layer, depthwise_logits: bool | None = None,
-                     vectorized: bool = False) -> list[str]:
-    """Swap the faster class into each of the model's layers (nested too) that has one:
-    same variables, same maths. `depthwise_logits`: whether the logits layer is swapped
-    (None: where it pays, depthwise_logits_pay); with `vectorized` (a model run inside
-    tf.vectorized_map) only where vectorized_map can take it. Returns the names swapped."""
-    if depthwise_logits is None:
-        depthwise_logits = depthwise_logits_pay()
-    if depthwise_logits and vectorized:
-        depthwise_logits = _vectorize_shared_depthwise_kernels()
-    swapped = []
-    for layer in getattr(model, "layers", []):
-        faster = _faster_class(layer, depthwise_logits)
-        if faster is not None:
-            layer.__class__ = faster
-            swapped.append(layer.name)
-        swapped += use_fast_kernels(layer, depthwise_logits)
-    return swapped
+def depthwise_logits(model: tf.keras.layers.Layer, vectorized: bool = False,
+                     where_it_pays: bool = True) -> list[str]:
+    """The logits layer as DepthwiseLogits, where it pays (depthwise_logits_pay, unless
+    `where_it_pays` is False); with `vectorized` (evaluate.py's tf.vectorized_map), only
+    where vectorized_map can take it."""
+    if where_it_pays and not depthwise_logits_pay():
+        return []
+    if vectorized and not _vectorize_shared_depthwise_kernels():
+        return []
+    return _swap_classes(model, lambda layer: DepthwiseLogits if is_logits_shape(layer) else None)
 
 
 # ----------------------------------------------------------------------------

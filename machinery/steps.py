@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
-from machinery import distribute, exact
+from machinery import distribute
 
 import numpy as np
 import tensorflow as tf
@@ -167,8 +167,7 @@ class CompiledStep:
             x = self.prepare(batches[i])
             eps = self.rng.normal(shape=(tf.shape(x)[0], self.model.latent_dim))
             step_inputs = (x, eps) if labels is None else (x, eps, tf.cast(labels[i], tf.int32))
-            with exact.gradients_added_in_pairs():
-                loss = self.strategy.run(self._replica_step, args=step_inputs)
+            loss = self.strategy.run(self._replica_step, args=step_inputs)
             losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
         return losses.stack()
 

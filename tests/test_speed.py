@@ -29,7 +29,7 @@ def test_the_logits_layer_as_a_depthwise_convolution_is_keras(kernel_size):
     rng = np.random.default_rng(7)
     keras.set_weights([rng.normal(size=w.shape) for w in keras.get_weights()])
     ours.set_weights(keras.get_weights())
-    assert speed.use_fast_kernels(ours, depthwise_logits=True) == [ours.layers[0].name]
+    assert speed.depthwise_logits(ours, where_it_pays=False) == [ours.layers[0].name]
     assert type(ours.layers[0]) is speed.DepthwiseLogits
     assert type(keras.layers[0]) is tf.keras.layers.Conv2DTranspose
     x = tf.constant(rng.normal(size=(4, 28, 28, 32)), tf.float32)
@@ -55,19 +55,20 @@ def test_the_logits_layer_as_a_depthwise_convolution_is_keras(kernel_size):
                                    tf.keras.layers.Conv2D(8, 3)])
 def test_other_layers_keep_keras_own_kernels(layer):
     model = keras_model(layer, shape=(7, 7, 4))
-    assert speed.use_fast_kernels(model, depthwise_logits=True) == []
+    assert speed.depthwise_logits(model, where_it_pays=False) == speed.float32_bias_gradients(model) == []
     assert type(model.layers[0]).__module__.startswith("keras")
 
 
 def test_the_cvaes_fast_kernels_keep_its_variables_and_outputs():
     x = tf.constant((np.random.default_rng(3).random((4, 28, 28, 1)) < 0.3).astype(np.float32))
     eps = tf.random.stateless_normal((4, 2), seed=(3, 3))
-    for precision, swapped in (("fp32", 1), ("bf16", 5)):  # the logits layer; and the 4 hidden convolutions
+    for precision, swapped in (("fp32", 0), ("bf16", 4)):  # bf16: the 4 hidden convolutions
         tf.keras.utils.set_random_seed(3)
         model = network.CVAE(2, precision)
         before = [w.numpy() for w in model.weights]
         loss = network.compute_loss(model, x, eps)
-        assert len(speed.use_fast_kernels(model, depthwise_logits=True)) == swapped
+        assert len(speed.float32_bias_gradients(model)) == swapped
+        assert len(speed.depthwise_logits(model, where_it_pays=False)) == 1
         assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
         np.testing.assert_allclose(network.compute_loss(model, x, eps), loss, rtol=1e-5 if precision == "fp32"
                                    else 1e-3)
@@ -79,7 +80,7 @@ def test_vectorized_map_takes_the_depthwise_logits():
     goes to TensorFlow's rule."""
     keras, ours = (keras_model(tf.keras.layers.Conv2DTranspose(1, 3, padding="same")) for _ in range(2))
     ours.set_weights(keras.get_weights())
-    assert speed.use_fast_kernels(ours, depthwise_logits=True, vectorized=True) == [ours.layers[0].name]
+    assert speed.depthwise_logits(ours, vectorized=True, where_it_pays=False) == [ours.layers[0].name]
     x = tf.random.stateless_normal((5, 2, 28, 28, 32), seed=(4, 4))
     np.testing.assert_allclose(tf.vectorized_map(ours, x, fallback_to_while_loop=False),
                                tf.stack([keras(images) for images in x]), rtol=1e-4, atol=1e-5)
@@ -93,8 +94,8 @@ def test_the_iwae_bound_with_the_fast_kernels_is_keras():
     tf.keras.utils.set_random_seed(4)
     keras, ours = network.CVAE(2), network.CVAE(2)
     ours.set_weights(keras.get_weights())
-    assert speed.use_fast_kernels(ours, depthwise_logits=True, vectorized=True) == \
-        [ours.decoder.layers[-1].name]
+    logits = ours.decoder.layers[-1].name
+    assert speed.depthwise_logits(ours, vectorized=True, where_it_pays=False) == [logits]
     x = tf.constant((np.random.default_rng(4).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
     eps = evaluate.noise(4, 0, 1, (8, 20, 2))
     np.testing.assert_allclose(evaluate.iwae_bound(ours, x, eps), evaluate.iwae_bound(keras, x, eps),
@@ -104,18 +105,18 @@ def test_the_iwae_bound_with_the_fast_kernels_is_keras():
 @pytest.mark.parametrize("sets, gpu, swapped", [(["AVX2", "AVX-512"], False, True),
                                                 (["AVX2"], False, False), (["AVX2", "AVX-512"], True, False)])
 def test_the_logits_layer_is_swapped_only_where_it_pays(monkeypatch, sets, gpu, swapped):
-    """By default, the depthwise logits kernel on a CPU with AVX-512 only: with AVX2 alone
-    (and, unmeasured, on a GPU) Keras' own kernel is the faster."""
+    """The depthwise logits on a CPU with AVX-512 alone: with AVX2 alone (and, unmeasured, on
+    a GPU) Keras' own kernel is the faster."""
     monkeypatch.setattr(speed.hardware, "instruction_sets", lambda: sets)
     monkeypatch.setattr(speed.hardware, "has_gpu", lambda: gpu)
     model = network.CVAE(2)
-    assert speed.use_fast_kernels(model) == ([model.decoder.layers[-1].name] if swapped else [])
+    assert speed.depthwise_logits(model) == ([model.decoder.layers[-1].name] if swapped else [])
 
 
 @pytest.mark.parametrize("kind", [tf.keras.layers.Conv2D, tf.keras.layers.Conv2DTranspose])
 def test_bf16_bias_gradients_are_summed_in_float32(kind):
     model = keras_model(kind(8, 3, padding="same", dtype="mixed_bfloat16"), shape=(28, 28, 1))
-    assert len(speed.use_fast_kernels(model)) == 1
+    assert len(speed.float32_bias_gradients(model)) == 1
     layer = model.layers[0]
     with tf.GradientTape() as tape:
         total = tf.reduce_sum(tf.cast(model(tf.ones((32, 28, 28, 1))), tf.float32))
