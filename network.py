@@ -173,7 +173,8 @@ def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: st
     mean, logvar = model.encode(x, y)  # y: the classes, for --conditional (None: the tutorial's)
     z = model.reparameterize(mean, logvar, eps)
     x_logit = model.decode(z, y=y)
-    if model.likelihood == "logistic":  # --likelihood logistic: 8-bit pixels, not binarized
+    if model.likelihood == "logistic":  # --likelihood logistic: 8-bit pixels; x_logit holds
+        # each pixel's mean and log-scale, not logits
         logpx_z = tf.reduce_sum(discretized_logistic_log_prob(x, x_logit), axis=[1, 2, 3])
     else:
         cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
