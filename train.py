@@ -117,7 +117,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         train_step: steps.TrainStep = train_step) -> list[dict]:
     """Train to `epochs` from `resume_from` (a checkpoint, if any), with the test ELBO, the
     4x4 grid, the metrics and a checkpoint before training and after every epoch; return
-    the metrics. The images are uint8, prepared a batch at a time (dataset.preprocess)."""
+    the metrics. The images are uint8, prepared a batch at a time (dataset.preprocess); the
+    labels are the classes a conditional model is given."""
     test_labels = np.zeros(len(test_images), np.uint8) if test_labels is None else test_labels
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files

@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{row['epoch_seconds']:7.2f} | {row['epoch_ratio']:11.2f} | {row['eval_seconds']:6.2f} | "
               f"{row['eval_ratio']:10.2f} | {row['peak_memory_gib'] or float('nan'):8.2f} |")
     print("\npeak GiB: the peak memory (RSS) of the variant's process" + (
-        "; emulated: this CPU has no bfloat16 instructions" if emulated else ""))
+        "; emulated: bfloat16 is slower than float32 here (machinery/hardware.py)" if emulated else ""))
     print(f"IWAE bound (evaluate.py, in {iwae_worker.name}'s process), {iwae['images']} images "
           f"x K = {iwae['k']}: "
           f"{decodes:,.0f} decodes/s, {iwae['gflops_per_second']:.1f} GFLOP/s, "

@@ -7,6 +7,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -117,20 +118,20 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
 def device_error(error: BaseException) -> str | None:
     """What a device's error means, in one line with what to try: out of memory, or the GPU's
     cuDNN failing; None for any other error."""
-    import tensorflow as tf  # loaded already (machinery/__init__.py): here, not to load it first
+    import tensorflow as tf  # imported here, where a script has loaded it, not to load it first
 
     if not isinstance(error, tf.errors.OpError):
         return None
     text = " ".join(str(error).split())
     lowered = text.lower()
-    where = "the GPU" if "gpu" in lowered else "the machine"
-    out_of_memory = "oom" in lowered or "out of memory" in lowered
+    where = "the GPU" if re.search(r"device:GPU|GPU_\d", text) else "the machine"
+    out_of_memory = re.search(r"\bOOM\b", text) or "out of memory" in lowered
     if isinstance(error, tf.errors.ResourceExhaustedError) and out_of_memory:
-        return (f"{where} ran out of memory ({text[:120]}); try a smaller --batch-size, or end what "
-                f"else holds its memory (another notebook or script)")
+        return (f"{where} ran out of memory ({text[:120]}); free it (another notebook or script may "
+                f"hold it), or train with a smaller --batch-size")
     if any(words in lowered for words in CUDNN_FAILURES):
-        return (f"the GPU's cuDNN failed ({text[:120]}); often its memory is short (try a smaller "
-                f"--batch-size) or the CUDA and cuDNN versions do not match this TensorFlow's")
+        return (f"the GPU's cuDNN failed ({text[:120]}); often its memory is short (free it, or train "
+                f"with a smaller --batch-size) or CUDA and cuDNN do not match this TensorFlow")
     return None
 
 

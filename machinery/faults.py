@@ -4,6 +4,7 @@ worker ends it in one line that says what is saved and how to resume."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -16,6 +17,7 @@ import tensorflow as tf
 # (and a device's: cli.device_error).
 MACHINE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
                   tf.errors.NotFoundError, tf.errors.DataLossError)
+ON_WINDOWS = os.name == "nt"  # where another program holding a file makes a write fail
 # What a multi-worker run's collectives raise when a worker is gone, killed or silent.
 LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                       tf.errors.AbortedError)
@@ -30,7 +32,7 @@ def _cause(error: Exception) -> str:
     """An error's cause in a few words: the path and the reason, or the peer's last word."""
     if isinstance(error, OSError):
         path = error.filename2 or error.filename  # a rename's target, or the file written
-        held = " (open in another program?)" if isinstance(error, PermissionError) else ""
+        held = " (open in another program?)" if isinstance(error, PermissionError) and ON_WINDOWS else ""
         return f"{path}: {error.strerror}{held}" if path else str(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     aborted = [i for i, line in enumerate(lines) if "aborted by:" in line]  # a collective's peer
@@ -47,8 +49,8 @@ def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.Sc
         shutil.rmtree(unfinished, ignore_errors=True)
     saved = [run_folder.checkpoint_epoch(index) for index in checkpoint_dir.glob("ckpt-*.index")]
     lost = isinstance(error, LOST_WORKER_ERRORS)
-    what = (f"a worker of the run was lost ({_cause(error)})" if lost else cli.device_error(error)
-            or f"cannot write the run in {out_dir} ({_cause(error)})")
+    what = (f"a worker of the run was lost ({_cause(error)})" if lost
+            else (cli.device_error(error) or f"cannot write the run in {out_dir} ({_cause(error)})"))
     when = "on every worker" if lost else "once that is mended"
     if not saved:
         return cli.ScriptError(f"{what}; no epoch is saved yet: start the run again {when}", exit_code=1)

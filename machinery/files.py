@@ -5,6 +5,7 @@ by one run at a time. The same on Linux, macOS and Windows."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -117,8 +118,17 @@ def _sync_folder(path: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as error:  # some file systems (WSL2's /mnt/c, SMB) cannot sync a folder
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
+
+
+def _read_start(file: typing.IO) -> bytes:
+    """The first bytes of an open file, read past Python's buffer."""
+    os.lseek(file.fileno(), 0, os.SEEK_SET)
+    return os.read(file.fileno(), 32)
 
 
 def hold_folder(folder: Path) -> str | None:
@@ -135,10 +145,12 @@ def hold_folder(folder: Path) -> str | None:
             os.lseek(lock.fileno(), LOCKED_BYTE, os.SEEK_SET)
             msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
     except (BlockingIOError, PermissionError):  # held: PermissionError on Windows
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
+        try:  # the first bytes alone: Windows refuses a read of the locked one
+            holder = _read_start(lock)
+        except OSError:
+            holder = b""
         lock.close()
-        return holder
+        return holder.decode(errors="replace").strip() or "?"
     lock.truncate(0)
     lock.seek(0)
     lock.write(f"{os.getpid()}\n")

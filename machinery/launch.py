@@ -19,7 +19,7 @@ import tensorflow as tf
 @dataclasses.dataclass
 class Devices:
     strategy: tf.distribute.Strategy
-    shards: int  # each batch (each replica's share) in this many pieces side by side
+    shards: int  # each batch (each replica batch) in this many shards side by side
     chief: bool  # whether this process writes the run's pictures, metrics and export
 
 

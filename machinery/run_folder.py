@@ -230,7 +230,9 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
 
     data = load_run_data(config, source, out_dir, check=args.resume)
     (train_images, train_labels), (test_images, test_labels) = data.splits
-    config["data_sha256"], config["class_names"] = data.fingerprint, list(data.class_names)
+    config["data_sha256"] = data.fingerprint
+    if not (args.resume and config["class_names"]):  # a resumed run keeps its classes, and its model
+        config["class_names"] = list(data.class_names)
     if config["conditional"] and len(data.class_names) < 2:
         raise cli.UserError(f"--conditional needs images of two classes or more; "
                             f"{source or 'the data'} has one")

@@ -152,7 +152,7 @@ def depthwise_logits(model: tf.keras.layers.Layer, vectorized: bool = False,
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=cli.positive_int, default=None,
-                        help="cut each batch into N pieces computed side by side, the cores "
+                        help="cut each batch into N shards computed side by side, the cores "
                              "shared among them (default: 2 with --strategy default on a "
                              "machine with no GPU and 2 or more cores, else 1); the results "
                              "are the same to float rounding, and repeat bit for bit on 2 "

@@ -30,7 +30,7 @@ class AppliesGradients(Protocol):
     def apply_gradients(self, grads_and_vars: Iterable[tuple[tf.Tensor, tf.Variable]]) -> object: ...
 
 
-TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps, y=None) -> loss
+TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps, kl=, beta=, y=) -> loss
 
 
 class GradientAccumulator:
@@ -86,10 +86,11 @@ def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tenso
 
 
 class Block(NamedTuple):
-    """STEPS_PER_CALL batches of an epoch, stacked as one compiled call takes them."""
+    """Batches of an epoch (STEPS_PER_CALL, or the smaller last one alone), stacked as one
+    compiled call takes them."""
 
     first: int  # the index of its first batch in the epoch
-    images: tf.Tensor  # (STEPS_PER_CALL, batch, H, W, C) as stored (uint8); the last call's padded
+    images: tf.Tensor  # (steps_per_call, batch, H, W, C) as stored (uint8), padded; or (1, rest, ...)
     count: tf.Tensor  # how many of them are the epoch's batches
     labels: tf.Tensor | None  # their classes, where the data has any
 

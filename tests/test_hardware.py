@@ -80,6 +80,7 @@ CUDNN = tf.errors.NotFoundError(None, None, "No algorithm worked!  Error message
     (CUDNN, "the GPU's cuDNN failed (No algorithm worked!"),
     (tf.errors.ResourceExhaustedError(None, None, "ckpt-1.data: No space left on device"), None),
     (tf.errors.NotFoundError(None, None, "out/checkpoints; No such file or directory"), None),
+    (tf.errors.ResourceExhaustedError(None, None, "zoom/room/ckpt-1.data: No space left on device"), None),
     (OSError(28, "No space left on device"), None),
 ])
 def test_a_devices_errors_are_named_and_others_left_alone(error, expected):
@@ -98,7 +99,7 @@ def test_running_out_of_memory_ends_a_run_in_one_line(tiny_npz, tmp_path, capsys
     code, stderr = run_main(train.main, ["--data", tiny_npz, "--out-dir", out, "--train-size", 64],
                             "train.py", capsys, monkeypatch)
     assert_one_line_error(stderr, "train.py", "the GPU ran out of memory (OOM when allocating", 1, code)
-    assert "try a smaller --batch-size" in stderr and "no epoch is saved yet" in stderr
+    assert "train with a smaller --batch-size" in stderr and "no epoch is saved yet" in stderr
 
 
 def test_running_out_of_memory_ends_other_scripts_in_one_line(tmp_path, capsys, monkeypatch):
@@ -110,7 +111,8 @@ def test_running_out_of_memory_ends_other_scripts_in_one_line(tmp_path, capsys, 
     assert cli.run and evaluate.main  # the scripts' own main() go through cli.run the same way
 
 
-def test_a_refused_write_says_another_program_may_hold_the_file(tmp_path):
+def test_a_refused_write_says_another_program_may_hold_the_file_on_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "ON_WINDOWS", True)
     error = PermissionError(13, "Permission denied", str(tmp_path / "metrics.csv"))
     line = str(faults.interrupted(error, tmp_path, tmp_path / "checkpoints"))
     assert f"{tmp_path / 'metrics.csv'}: Permission denied (open in another program?)" in line

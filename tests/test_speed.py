@@ -134,13 +134,13 @@ def test_a_step_in_shards_is_the_whole_batch_step(shards, optimizer_name):
     tf.keras.utils.set_random_seed(5)
     initial = network.CVAE(2).get_weights()
     results = []
-    for pieces in (1, shards):  # the whole batch, then in shards
+    for count in (1, shards):  # the whole batch, then in shards
         model = network.CVAE(2)
         model.set_weights(initial)
         optimizer = (tf.keras.optimizers.SGD(1e-2) if optimizer_name == "sgd"
                      else tf.keras.optimizers.Adam(1e-3))
         compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
-                                           tf.random.Generator.from_seed(5), shards=pieces)
+                                           tf.random.Generator.from_seed(5), shards=count)
         losses = epoch_losses(compiled_step, images)
         results.append((losses, model.get_weights()))
     (whole_losses, whole_weights), (losses, weights) = results
@@ -194,4 +194,4 @@ def test_setup_shards_sets_the_threads_or_falls_back(when, requested):
 
 
 def test_the_default_is_one_shard_under_a_strategy():
-    assert speed.setup_shards(None, "mirrored") == 1  # each replica's share stays whole
+    assert speed.setup_shards(None, "mirrored") == 1  # each replica batch stays whole
