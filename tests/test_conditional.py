@@ -99,11 +99,17 @@ def test_network_py_shows_a_conditional_model(conditional_run, capsys):
 
 
 def test_a_conditional_run_resumes_as_one(conditional_run):
+    """With the classes it was trained with, as config.json names them (the data's names, read
+    again, may differ: a run from before they were counted from the labels)."""
     out, _, _ = conditional_run
+    config = json.loads((out / "config.json").read_text())
+    config["class_names"] = [f"class {i}" for i in range(10)]
+    (out / "config.json").write_text(json.dumps(config))
     resumed = run_script("train.py", "--out-dir", out, "--resume", "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming" in resumed.stdout and (out / "image_at_epoch_0003.png").is_file()
     assert network.load_model(out).num_classes == 10
+    assert json.loads((out / "config.json").read_text())["class_names"][0] == "class 0"
 
 
 def test_the_tutorials_model_takes_no_label(tmp_path, capsys, monkeypatch):
