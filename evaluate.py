@@ -172,10 +172,12 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     done = 0
     for i, x in enumerate(dataset.make_batches(images, IWAE_IMAGES)):
         done += len(x)
-        draws = noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))  # the same for every class
-        batches.batch(i, lambda x=x, draws=draws: np.stack(
-            [iwae_bound(model, x, draws, tf.fill([len(x)], c) if given else None)
-             for c in range(max(1, model.num_classes))], axis=1), done)
+
+        def bounds(x: tf.Tensor = x, i: int = i) -> np.ndarray:  # drawn only for a batch not kept
+            draws = noise(seed, i, 1, (len(x), iw_samples, model.latent_dim))  # the same for every class
+            return np.stack([iwae_bound(model, x, draws, tf.fill([len(x)], c) if given else None)
+                             for c in range(max(1, model.num_classes))], axis=1)
+        batches.batch(i, bounds, done)
     by_class = batches.all()  # (images, classes): log p(x|y) for each class y; one column without
     conditional = {}
     if given:

@@ -63,7 +63,7 @@ def generate_and_save_images(model: CVAE, epoch: int, test_sample: tf.Tensor, ep
                              out_dir: Path, labels: np.ndarray | None = None) -> None:
     """Encode, reparameterize (noise `eps`) and decode `test_sample`; save the pixel
     probabilities (for the logistic, medians) as a 4x4 grid, image_at_epoch_NNNN.png."""
-    y = None if labels is None else tf.constant(labels, tf.int32)  # a conditional model's classes
+    y = classes(model, labels)
     mean, logvar = model.encode(test_sample, y)
     z = model.reparameterize(mean, logvar, eps)
     predictions = model.sample(z, y)
@@ -215,15 +215,15 @@ def save_analogies(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Pa
                    names: Sequence[str]) -> None:
     """A conditional model's analogies (Kingma et al. 2014, Fig. 1): a row per test image, its
     style z (the encoder's mean, given its class) decoded with every class in turn."""
-    classes = model.num_classes
-    mean, _ = model.encode(images, tf.constant(labels[:len(images)], tf.int32))
-    z = np.repeat(mean.numpy(), classes, axis=0)
-    y = np.tile(np.arange(classes, dtype=np.int32), len(images))
+    count = model.num_classes
+    mean, _ = model.encode(images, classes(model, labels[:len(images)]))
+    z = np.repeat(mean.numpy(), count, axis=0)
+    y = np.tile(np.arange(count, dtype=np.int32), len(images))
     decoded = model.sample(tf.constant(z), tf.constant(y)).numpy()
-    decoded = decoded.reshape(len(images), classes, *images.shape[1:])
+    decoded = decoded.reshape(len(images), count, *images.shape[1:])
     grid = np.concatenate([images[:, np.newaxis], decoded], axis=1).reshape(-1, *images.shape[1:])
-    figure = Figure(figsize=(classes + 1, len(images) * 1.05 + 0.5))
-    image_grid(figure, grid, classes + 1, ["test image", *names] if len(names) == classes else [])
+    figure = Figure(figsize=(count + 1, len(images) * 1.05 + 0.5))
+    image_grid(figure, grid, count + 1, ["test image", *names] if len(names) == count else [])
     figure.suptitle("Each test image's style z, decoded with every class")
     save_figure(figure, path, bbox_inches="tight")
 

@@ -149,15 +149,10 @@ class Variant:
         batch_size = self.batch_size
         num_full_batches = len(train_images) // batch_size
 
-        def timed_steps(count: int) -> None:
-            images = train_images[:min(count, num_full_batches) * batch_size]
-            for train_x in steps.blocks(images, batch_size, steps_per_call=steps_per_call):
+        def run(images: np.ndarray, order: np.ndarray | None = None) -> None:  # train.fit's loop, no outputs
+            for train_x in steps.blocks(images, batch_size, order, steps_per_call=steps_per_call):
                 train_step(self.model, train_x, self.optimizer)
 
-        def epoch(number: int) -> None:  # what train.fit does, less its outputs
-            order = dataset.epoch_order(len(train_images), train.SEED, number)
-            for train_x in steps.blocks(train_images, batch_size, order, steps_per_call=steps_per_call):
-                train_step(self.model, train_x, self.optimizer)
-
-        self.steps, self.epoch = timed_steps, epoch
+        self.steps = lambda count: run(train_images[:min(count, num_full_batches) * batch_size])
+        self.epoch = lambda n: run(train_images, dataset.epoch_order(len(train_images), train.SEED, n))
         self.evaluate = lambda: train.test_set_elbo(test_loss, test_batches)

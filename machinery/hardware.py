@@ -126,22 +126,23 @@ def bf16_time_ratio() -> float:
 def bf16_slowdown() -> str | None:
     """Why bfloat16 will be slower here than float32, or None where it will not: by a GPU's
     compute capability, by the CPU's flags on Linux, else (macOS, Windows) by a short timing."""
-    if has_gpu():  # an NVIDIA GPU has a compute capability; another is timed, below
+    gpu = has_gpu()
+    if gpu:  # an NVIDIA GPU has a compute capability; another is timed, below
         name, capability = gpu_compute_capability()
         if capability is not None:
             if tuple(capability) >= BF16_COMPUTE_CAPABILITY:
                 return None
             return (f"this GPU ({name}, compute capability {capability[0]}.{capability[1]}) has no "
                     f"bfloat16 maths (8.0 or more has)")
-    elif sys.platform.startswith("linux") and has_bf16_maths() is not None:
-        return None if has_bf16_maths() else (f"this CPU has no bfloat16 instructions ({describe_cpu()}), "
-                                              f"so TensorFlow emulates them")
+    elif sys.platform.startswith("linux") and (maths := has_bf16_maths()) is not None:
+        return None if maths else (f"this CPU has no bfloat16 instructions ({describe_cpu()}), so "
+                                   f"TensorFlow emulates them")
     try:
         ratio = bf16_time_ratio()
     except tf.errors.OpError:  # no bfloat16 kernel here at all: training will say so itself
         return None
-    return None if ratio < 1 else (f"on this {'GPU' if has_gpu() else f'CPU ({cpu_name()})'}, a short "
-                                   f"test ran {ratio:.1f} times as long in bfloat16 as in float32")
+    return None if ratio < 1 else (f"on this {'GPU' if gpu else f'CPU ({cpu_name()})'}, a short test ran "
+                                   f"{ratio:.1f} times as long in bfloat16 as in float32")
 
 
 def bf16_is_emulated() -> bool:
