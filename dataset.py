@@ -153,7 +153,7 @@ def _check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes
     if images.ndim not in (3, 4):
         raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
                         f"(N, H, W, C)")
-    if problem := network.image_shape_problem(image_shape(images)):
+    if problem := image_folder.image_shape_problem(image_shape(images)):
         raise UserError(f"{where}: {problem}")
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def default_likelihood(data: Data) -> str:
     """The 8-bit logistic for a folder of images or colour ones, else the tutorial's Bernoulli."""
-    return "logistic" if data.folder_report else network.default_likelihood(image_shape(data.train[0])[2])
+    return "logistic" if data.folder_report or image_shape(data.train[0])[2] == 3 else "bernoulli"
 
 
 if __name__ == "__main__":

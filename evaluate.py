@@ -1,9 +1,8 @@
 """Evaluate a trained run: the ELBO and its parts, an importance-weighted log p(x), and
 pictures of what the model learned.
 
-Every figure comes from network.compute_loss, so an edit of it shows in all of them: the
-ELBO of an image is minus compute_loss of that image alone, and the importance weights of
-the IWAE bound are minus compute_loss of the image with one draw z_k each.
+Every figure comes from network.elbo_terms, the per-image log p(x|z), log p(z) and log
+q(z|x) that compute_loss averages for training, so an edit of them shows in all of them.
 
 Loads the run's latest checkpoint and its config.json (no flags to repeat), and writes
 into the run folder:
@@ -30,7 +29,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, files, projector, records, resumable, run_folder, speed, steps
+from machinery import cli, distribute, files, projector, records, resumable, run_folder
 
 import numpy as np
 import tensorflow as tf
@@ -62,56 +61,29 @@ def build_parser() -> cli.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------
-# The figures, from compute_loss
-
-
-# The functions below take compute_loss as an argument: tf.function traces them anew for
-# another compute_loss, so that an edit of it (or a stand-in, in a test) always shows.
-LossFunction = steps.LossFunction
-
-
-def losses_of_each_image(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
-                         eps: tf.Tensor, kl: str = "mc", y: tf.Tensor | None = None) -> tf.Tensor:
-    """compute_loss of each image of `x` alone, with its noise eps[i] (and its class y[i], for
-    a conditional model): (batch,). tf.vectorized_map runs compute_loss on batches of one
-    image, all at once."""
-    def of_one_image(item: tuple[tf.Tensor, ...]) -> tf.Tensor:
-        return compute_loss(model, item[0][None], item[1][None], kl, **classes_of(item))
-    return tf.vectorized_map(of_one_image, (x, eps) if y is None else (x, eps, y),
-                             fallback_to_while_loop=False)
-
-
-def classes_of(item: tuple[tf.Tensor, ...]) -> dict:
-    """compute_loss's y for one image of (image, noise[, class]): {} for a model of no classes."""
-    return {"y": item[2][None]} if len(item) > 2 else {}
+# The figures, from network.elbo_terms: what compute_loss and training are made of
 
 
 @tf.function
-def elbo_parts(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor, eps: tf.Tensor,
-               kl: str, y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Each image's ELBO, log p(x|z) and KL term, from one draw z (noise eps): the ELBO is
-    minus compute_loss; log p(x|z) is minus compute_loss with the KL in closed form, plus
-    that closed form; the KL term is what the ELBO takes from log p(x|z)."""
-    elbo = -losses_of_each_image(compute_loss, model, x, eps, kl, y)
-    mean, logvar = model.encode(x, y)
-    logpx_z = (-losses_of_each_image(compute_loss, model, x, eps, "analytic", y)
-               + network.analytic_kl(mean, logvar))
-    return elbo, logpx_z, logpx_z - elbo
+def elbo_parts(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str,
+               y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Each image's ELBO, log p(x|z) and KL term, log q(z|x) - log p(z), from one draw z
+    (noise eps); with --kl analytic, the KL in closed form."""
+    logpx_z, logpz, logqz_x = network.elbo_terms(model, x, eps, kl, y)
+    return logpx_z + logpz - logqz_x, logpx_z, logqz_x - logpz
 
 
 @tf.function
-def log_weights(compute_loss: LossFunction, model: network.CVAE, x: tf.Tensor,
-                eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
-    """The log importance weights log p(x, z_k) / q(z_k|x) of each image of `x` and draw z_k
-    (noise eps: batch, k, latent): (batch, k). Each is minus compute_loss of the image and
-    z_k; the encoder's ops do not depend on z_k, so tf.vectorized_map runs them once per
-    image, not k times."""
-    def of_one_image(item: tuple[tf.Tensor, ...]) -> tf.Tensor:
-        image, noise = item[:2]
-        return -tf.vectorized_map(lambda e: compute_loss(model, image[None], e[None], **classes_of(item)),
-                                  noise, fallback_to_while_loop=False)
-    return tf.vectorized_map(of_one_image, (x, eps) if y is None else (x, eps, y),
-                             fallback_to_while_loop=False)
+def log_weights(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
+    """The log importance weights log p(x, z_k) - log q(z_k|x) of each image of `x` and draw
+    z_k (noise eps: batch, k, latent): (batch, k). The K draws of an image are a batch of K
+    copies of it."""
+    batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
+    copies = tf.repeat(x, k, axis=0)  # image i, k times, then image i + 1
+    classes = None if y is None else tf.repeat(y, k, axis=0)
+    logpx_z, logpz, logqz_x = network.elbo_terms(model, copies, tf.reshape(eps, [batch * k, -1]),
+                                                 "mc", classes)
+    return tf.reshape(logpx_z + logpz - logqz_x, [batch, k])
 
 
 def noise(seed: int, batch: int, purpose: int, shape: Sequence[int]) -> tf.Tensor:
@@ -140,7 +112,7 @@ def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor |
     for start in range(0, k, chunk):
         draws = eps[:, start:start + chunk]
         padded = tf.pad(draws, [[0, 0], [0, chunk - draws.shape[1]], [0, 0]])  # the last chunk
-        weights = log_weights(network.compute_loss, model, x, padded, y)[:, :draws.shape[1]]
+        weights = log_weights(model, x, padded, y)[:, :draws.shape[1]]
         total = tf.reduce_logsumexp(tf.concat([total, weights], axis=1), axis=1, keepdims=True)
     return (total[:, 0] - math.log(k)).numpy()
 
@@ -160,8 +132,7 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
     p(y) the `class_prior`, and it is scored as a classifier, argmax_y p(y) p(x|y)."""
     labels = np.zeros(len(images), np.int32) if labels is None else labels.astype(np.int32)
     given = model.num_classes > 0  # whether the model takes the classes
-    parts = [elbo_parts(network.compute_loss, model, x, noise(seed, i, 0, (len(x), model.latent_dim)),
-                        kl, y if given else None)
+    parts = [elbo_parts(model, x, noise(seed, i, 0, (len(x), model.latent_dim)), kl, y if given else None)
              for i, (x, y) in enumerate(dataset.make_batches((images, labels),
                                                              dataset.eval_batch_size(model.image_shape)))]
     elbo, logpx_z, kl_term = (np.concatenate([part[j].numpy() for part in parts]) for j in range(3))
@@ -203,7 +174,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
-    speed.depthwise_logits(model, vectorized=True)  # a faster IWAE bound (machinery/speed.py)
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]

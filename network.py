@@ -1,4 +1,5 @@
-"""The tutorial's convolutional VAE and its loss: cells 15 and 17, as the tutorial wrote them.
+"""The tutorial's convolutional VAE and its loss: cells 15 and 17, with the deviations
+README.md's map lists.
 
 The encoder gives q(z|x), a diagonal Gaussian, and the decoder p(x|z), a Bernoulli per
 pixel; compute_loss is minus the ELBO, log p(x|z) + log p(z) - log q(z|x), with one sample
@@ -26,7 +27,7 @@ import tensorflow as tf
 LATENT_DIM = 2
 IMAGE_SHAPE = (28, 28, 1)
 # --precision: the Keras dtype policy of the hidden layers. The layers at the latent code
-# and the logits layer stay float32, so z, its sampling and the loss keep float32.
+# and the last layer stay float32, so z, its sampling and the loss keep float32.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 KL_ESTIMATORS = ("mc", "analytic")
 # p(x|z): the tutorial's Bernoulli for binarized pixels, or a discretized logistic for 8-bit ones.
@@ -56,7 +57,7 @@ class CVAE(tf.keras.Model):
         # The last layer gives each pixel a logit (Bernoulli), or a mean and a log-scale (logistic).
         outputs = channels if likelihood == "bernoulli" else 2 * channels
         self.encoder = tf.keras.Sequential(
-            [
+            with_float32_bias_gradients([
                 tf.keras.layers.InputLayer(shape=(height, width, channels + num_classes)),  # Keras 3: shape
                 tf.keras.layers.Conv2D(
                     filters=filters or 32, kernel_size=3, strides=(2, 2), activation='relu', dtype=hidden),
@@ -65,12 +66,12 @@ class CVAE(tf.keras.Model):
                 tf.keras.layers.Flatten(dtype=hidden),
                 # No activation
                 tf.keras.layers.Dense(latent_dim + latent_dim, dtype="float32"),
-            ],
+            ]),
             name="encoder",
         )
 
         self.decoder = tf.keras.Sequential(
-            [
+            with_float32_bias_gradients([
                 tf.keras.layers.InputLayer(shape=(latent_dim + num_classes,)),
                 # float32: z in bfloat16 would keep 3 significant digits of the code.
                 tf.keras.layers.Dense(units=(height//4)*(width//4)*32, activation=tf.nn.relu,
@@ -85,7 +86,7 @@ class CVAE(tf.keras.Model):
                 # No activation
                 tf.keras.layers.Conv2DTranspose(
                     filters=outputs, kernel_size=3, strides=1, padding='same', dtype="float32"),
-            ],
+            ]),
             name="decoder",
         )
         self.built = True  # the encoder and decoder are: their InputLayers gave them their shapes
@@ -117,16 +118,54 @@ class CVAE(tf.keras.Model):
             eps = tf.random.normal(shape=tf.shape(mean))  # tf.shape: the batch may be unknown
         return eps * tf.exp(logvar * .5) + mean
 
+    # apply_sigmoid: the images to show: pixel probabilities, or the logistic's medians.
     def decode(self, z: tf.Tensor, apply_sigmoid: bool = False, y: tf.Tensor | None = None) -> tf.Tensor:
         if y is not None:  # --conditional: the one-hot y beside z
             z = tf.concat([z, tf.one_hot(y, self.num_classes, dtype=z.dtype)], axis=1)
-        logits = self.decoder(z)
+        logits = self.decoder(z)  # logistic: each pixel's mean and log-scale, not logits
         if apply_sigmoid:
-            if self.likelihood == "logistic":  # what pictures show: each pixel's median
+            if self.likelihood == "logistic":
                 return logistic_median(logits)
             probs = tf.sigmoid(logits)
             return probs
         return logits
+
+
+@tf.keras.utils.register_keras_serializable(package="cvae")
+class BiasAdd(tf.keras.layers.Layer):
+    """A bias and an activation in float32, taken out of a bfloat16 layer: TensorFlow's CPU
+    kernels sum a bfloat16 bias gradient in bfloat16, where a sum of thousands stalls."""
+
+    def __init__(self, activation: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.activation = tf.keras.activations.get(activation)
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return self.activation(inputs + self.bias)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "activation": tf.keras.activations.serialize(self.activation)}
+
+
+def with_float32_bias_gradients(layers: list[tf.keras.layers.Layer]) -> list[tf.keras.layers.Layer]:
+    """Each bfloat16 layer with a bias (one added here too) as two: the layer without its bias
+    and activation (its kernel initialized alike), then a float32 BiasAdd, for biases that learn."""
+    split = []
+    for layer in layers:
+        config = layer.get_config()
+        if layer.compute_dtype == "bfloat16" and config.get("use_bias"):
+            split.append(type(layer).from_config({**config, "use_bias": False, "activation": None,
+                                                  "kernel_initializer": layer.kernel_initializer}))
+            layer = BiasAdd(config["activation"], dtype="float32", name=f"{layer.name}_bias")
+        split.append(layer)
+    return split
+
+
+# ----------------------------------------------------------------------------
+# The ELBO (cell 17): its parts per image, and the loss
 
 
 def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis: int = 1) -> tf.Tensor:
@@ -134,6 +173,15 @@ def log_normal_pdf(sample: tf.Tensor, mean: tf.Tensor, logvar: tf.Tensor, raxis:
     return tf.reduce_sum(
         -.5 * ((sample - mean) ** 2. * tf.exp(-logvar) + logvar + log2pi),
         axis=raxis)
+
+
+def expected_log_normal_pdfs(mean: tf.Tensor, logvar: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """E_q[log p(z)] and E_q[log q(z|x)] in closed form, for q(z|x) = N(mean, exp(logvar)) and
+    p(z) = N(0, I): their difference is minus KL(q || p) (--kl analytic)."""
+    log2pi = tf.math.log(2. * np.pi)
+    logpz = tf.reduce_sum(-.5 * (mean ** 2. + tf.exp(logvar) + log2pi), axis=1)
+    logqz_x = tf.reduce_sum(-.5 * (1. + logvar + log2pi), axis=1)
+    return logpz, logqz_x
 
 
 def discretized_logistic_log_prob(x: tf.Tensor, outputs: tf.Tensor, levels: int = 256) -> tf.Tensor:
@@ -163,38 +211,38 @@ def logistic_median(outputs: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(mean, 0., 1.)
 
 
-def analytic_kl(mean: tf.Tensor, logvar: tf.Tensor) -> tf.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, per image (--kl analytic)."""
-    return 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1. - logvar, axis=1)
+def elbo_terms(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc",
+               y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The tutorial's compute_loss up to its return: log p(x|z), log p(z) and log q(z|x) of
+    each image, for one z ~ q(z|x) (noise eps). Training, the test ELBO and evaluate.py's
+    every figure are made of these."""
+    mean, logvar = model.encode(x, y)  # y: the classes, for --conditional (None: the tutorial's)
+    z = model.reparameterize(mean, logvar, eps)
+    if model.likelihood == "logistic":  # --likelihood logistic, for 8-bit pixels
+        x_mean_and_log_scale = model.decode(z, y=y)
+        logpx_z = tf.reduce_sum(discretized_logistic_log_prob(x, x_mean_and_log_scale), axis=[1, 2, 3])
+    else:
+        x_logit = model.decode(z, y=y)
+        cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
+        logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
+    if kl == "analytic":  # --kl analytic: their expectations over q(z|x), in closed form
+        logpz, logqz_x = expected_log_normal_pdfs(mean, logvar)
+    else:
+        logpz = log_normal_pdf(z, 0., 0.)
+        logqz_x = log_normal_pdf(z, mean, logvar)
+    return logpx_z, logpz, logqz_x
 
 
 def compute_loss(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc",
                  beta: float = 1., y: tf.Tensor | None = None) -> tf.Tensor:
-    mean, logvar = model.encode(x, y)  # y: the classes, for --conditional (None: the tutorial's)
-    z = model.reparameterize(mean, logvar, eps)
-    x_logit = model.decode(z, y=y)
-    if model.likelihood == "logistic":  # --likelihood logistic: 8-bit pixels; x_logit holds
-        # each pixel's mean and log-scale, not logits
-        logpx_z = tf.reduce_sum(discretized_logistic_log_prob(x, x_logit), axis=[1, 2, 3])
-    else:
-        cross_ent = tf.nn.sigmoid_cross_entropy_with_logits(logits=x_logit, labels=x)
-        logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])
-    if kl == "analytic":  # --kl analytic: the KL term in closed form, for logqz_x - logpz
-        return -tf.reduce_mean(logpx_z - beta * analytic_kl(mean, logvar))
-    logpz = log_normal_pdf(z, 0., 0.)
-    logqz_x = log_normal_pdf(z, mean, logvar)
-    if beta != 1.:  # --beta B, a beta-VAE: the KL term weighed by B (B = 1 is the ELBO itself)
-        return -tf.reduce_mean(logpx_z + beta * (logpz - logqz_x))
-    return -tf.reduce_mean(logpx_z + logpz - logqz_x)
+    """Minus the ELBO, averaged over the batch; --beta B weighs its KL term, log q(z|x) -
+    log p(z), by B (a beta-VAE; B = 1 is the tutorial's loss, to the bit)."""
+    logpx_z, logpz, logqz_x = elbo_terms(model, x, eps, kl, y)
+    return -tf.reduce_mean(logpx_z + beta * logpz - beta * logqz_x)
 
 
 # ----------------------------------------------------------------------------
 # python network.py: what the model looks like
-
-
-def default_likelihood(channels: int) -> str:
-    """The tutorial's Bernoulli for grey images, the discretized logistic for colour ones."""
-    return "logistic" if channels == 3 else "bernoulli"
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -206,17 +254,6 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="p(x|z): bernoulli, the tutorial's, on binarized pixels; logistic, "
                              "a discretized logistic on the 256 levels of 8-bit pixels "
                              "(default: bernoulli for grey images, logistic for colour)")
-
-
-def image_shape_problem(shape: Sequence[int]) -> str | None:
-    """Why the CVAE cannot take images of `shape` (height, width, channels); None if it can."""
-    height, width, channels = shape
-    if height % 4 or width % 4 or min(height, width) < 8:
-        return (f"images of {height}x{width} pixels: the CVAE needs sides that are multiples "
-                f"of 4, at least 8 (its decoder doubles a quarter-size start twice)")
-    if channels not in (1, 3):
-        return f"images of {channels} channels: the CVAE draws 1 (grey) or 3 (colour)"
-    return None
 
 
 def load_model(path: str | Path) -> CVAE:
@@ -254,30 +291,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.source:
         model = load_model(args.source)
-        print(f"Loaded {args.source}: latent_dim {model.latent_dim}, precision {model.precision}, "
-              f"filters {model.filters or '32, 64 (the tutorial)'}, images {model.image_shape}, "
-              f"likelihood {model.likelihood}, classes {model.num_classes or 'none (not conditional)'}")
     else:
-        likelihood = args.likelihood or default_likelihood(IMAGE_SHAPE[2])
-        model = CVAE(args.latent_dim, filters=args.filters, likelihood=likelihood)
-    model.encoder.summary()
-    model.decoder.summary()
-    encoder_params, decoder_params = map(model_size.count_params, (model.encoder, model.decoder))
-    print(f"Parameters: encoder {encoder_params:,}, decoder {decoder_params:,}, "
-          f"total {encoder_params + decoder_params:,}")
-    flops = sum(model_size.layer_flops(model.encoder.layers + model.decoder.layers))
-    print(f"FLOPs of one image's forward pass: {flops:,} (a train step: about three times that)")
-
-    x = tf.zeros((args.batch_size, *model.image_shape))
-    y = tf.zeros(args.batch_size, tf.int32) if model.num_classes else None  # a conditional model's class 0
-    mean, logvar = model.encode(x, y)
-    z = model.reparameterize(mean, logvar)
-    logits = model.decode(z, y=y)
-    print(f"\nForward pass on a dummy batch of {args.batch_size}:")
-    for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), ("logits", logits)):
-        print(f"  {name:7s}{tuple(tensor.shape)}")
-    state = "trained" if args.source else "untrained"
-    print(f"  loss   {float(compute_loss(model, x, y=y)):.2f} (negative ELBO of the blank batch, {state})")
+        model = CVAE(args.latent_dim, filters=args.filters, likelihood=args.likelihood or "bernoulli")
+    model_size.describe(model, compute_loss, args.batch_size, args.source)
 
 
 if __name__ == "__main__":

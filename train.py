@@ -79,17 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
 # The tutorial's train step (cell 17) and test-set ELBO (cell 22)
 
 
-def train_step(model: network.CVAE, x: tf.Tensor, optimizer: steps.AppliesGradients,
-               eps: tf.Tensor | None = None, kl: str = "mc", beta: float = 1.,
-               y: tf.Tensor | None = None) -> tf.Tensor:
+def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
+               eps: tf.Tensor | None = None, y: tf.Tensor | None = None, *, kl: str = "mc",
+               beta: float = 1., shards: int = 1) -> tf.Tensor:
     """Executes one training step and returns the loss.
 
     This function computes the loss and gradients, and uses the latter to
-    update the model's parameters. (optimizer: Adam, or for one shard of a batch a
-    steps.GradientAccumulator; eps: the noise; y: the classes of x, for --conditional.)
+    update the model's parameters. (eps: the noise; y: the classes of x, for --conditional.)
     """
     with tf.GradientTape() as tape:
-        loss = network.compute_loss(model, x, eps, kl, beta, y)
+        # The tutorial's loss = compute_loss(model, x), as a sum of the batch's parts: with
+        # --shards or replicas, its shards side by side, each weighed by its share.
+        loss = 0.
+        for part in steps.parts(x, eps, y, shards):  # one part, the whole batch, by default
+            loss += part.weigh(network.compute_loss(model, part.x, part.eps, kl, beta, part.y))
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(gradients, model.trainable_variables))
     return loss
@@ -124,10 +127,10 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
     prepare = functools.partial(dataset.preprocess, likelihood=model.likelihood)
     state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare, test_labels)
-    # The speed-ups, around the tutorial's step: a Block of 50 batches a compiled call, each
-    # batch in shards side by side or on the replicas, its noise from the run's seed.
-    train_step = steps.CompiledStep(functools.partial(train_step, kl=kl, beta=beta), model, optimizer,
-                                    state.rng, strategy=strategy, shards=shards, prepare=prepare)
+    # Speed, around the tutorial's train_step (as nanoGPT's torch.compile): one compiled call
+    # runs it on 50 batches, each on the replicas, its noise drawn from the run's seed.
+    train_steps = steps.compiled_train_steps(functools.partial(train_step, kl=kl, beta=beta, shards=shards),
+                                             model, optimizer, state.rng, strategy=strategy, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
     test_dataset = dataset.make_batches((test_images, test_labels),
@@ -152,9 +155,9 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                                              int(optimizer.iterations.numpy()), out_dir)
             start_time = time.perf_counter()
             order = dataset.epoch_order(len(train_images), seed, epoch)  # this epoch's shuffle
-            for train_x in steps.blocks(train_images, batch_size, order, train_labels):  # 50 batches
-                losses = train_step(model, train_x, optimizer)  # one loss a batch
-                progress.update(train_x.first, losses)
+            for batches in steps.batches(train_images, batch_size, order, train_labels):
+                losses = train_steps(batches)  # train_step on each of 50 batches: their losses
+                progress.update(batches.first, losses)
                 if stop.signal:
                     break
             end_time = time.perf_counter()
@@ -208,8 +211,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         with devices.strategy.scope():  # the variables live on the strategy's devices
             model = run_folder.new_model(config)  # network.CVAE with the run's settings
             optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
-        speed.float32_bias_gradients(model)  # bf16: its biases learn (machinery/speed.py)
-        speed.depthwise_logits(model)  # on AVX-512 CPUs, a faster kernel for the same logits
         fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
             batch_size=config["batch_size"], seed=config["seed"], out_dir=run.out_dir,
             resume_from=run.resume_from, kl=config["kl"], beta=config["beta"], strategy=devices.strategy,

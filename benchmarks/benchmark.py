@@ -9,9 +9,9 @@ Each variant trains the same model from the same start at batch 32, in a process
   tutorial        the tutorial's code: compute_loss, train_step and Keras' kernels, a
                   shuffle(60000).batch(32) pipeline, one step per tf.function call, an
                   eager test-set ELBO at batch 32, TensorFlow's default threads
-  fp32 1/call     train.py's loop (machinery/steps.py, with machinery/speed.py's kernels),
-                  in-memory batches and compiled test-set ELBO, one step per call, the batch
-                  whole (--shards 1)
+  fp32 1/call     train.py's loop (machinery/steps.py's compiled_train_steps around
+                  train.train_step), in-memory batches and compiled test-set ELBO, one step
+                  per call, the batch whole (--shards 1)
   fp32 1 shard    50 steps per call
   fp32            the batch in shards, a core each (train.py as it runs by default)
   bf16            train.py --precision bf16

@@ -4,13 +4,14 @@ each with the same jobs to time; and the FLOPs of a step and of a decode."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, model_size, speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, model_size, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -79,8 +80,8 @@ class Variant:
     evaluate: Callable[[], float]
 
     def iwae(self) -> int:
-        """evaluate.py's IWAE bound (its model: in float32, with the fast kernels) on the
-        first test images; returns the decodes it took."""
+        """evaluate.py's IWAE bound (its model in float32) on the first test images;
+        returns the decodes it took."""
         evaluate.iwae_bound(self.plain_model, self.iwae_images, self.iwae_noise)
         return int(np.prod(self.iwae_noise.shape[:2]))
 
@@ -94,16 +95,12 @@ class Variant:
         self.optimizer.build(self.model.trainable_variables)
         self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
         self.plain_model.set_weights(self.model.get_weights())
-        speed.depthwise_logits(self.plain_model, vectorized=True)  # as evaluate.py does
         self.iwae_images = dataset.binarize(test_images[:IWAE_IMAGES])
         self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), iw_samples, train.LATENT_DIM))
         if name == "tutorial":  # Keras' own kernels, on images binarized up front as the tutorial does
             self._tutorial(dataset.binarize(train_images).numpy(), dataset.binarize(test_images).numpy())
         else:
-            speed.float32_bias_gradients(self.model)  # as train.py does
-            speed.depthwise_logits(self.model)
-            self._port(train_images, test_images,
-                       steps_per_call=steps_per_call, shards=shards)
+            self._port(train_images, test_images, steps_per_call=steps_per_call, shards=shards)
 
     def _tutorial(self, train_images: np.ndarray, test_images: np.ndarray) -> None:
         model, optimizer = self.model, self.optimizer
@@ -141,8 +138,11 @@ class Variant:
     def _port(self, train_images: np.ndarray, test_images: np.ndarray, steps_per_call: int,
               shards: int) -> None:
         rng = tf.random.Generator.from_seed(train.SEED)
-        train_step = steps.CompiledStep(train.train_step, self.model, self.optimizer, rng, shards=shards,
-                                        prepare=dataset.binarize)
+        # train.fit's: train.train_step (train.py's defaults, the batch in `shards` shards) on
+        # each batch of a call
+        train_step = functools.partial(train.train_step, kl="mc", beta=1.0, shards=shards)
+        train_steps = steps.compiled_train_steps(train_step, self.model, self.optimizer, rng,
+                                                 prepare=dataset.binarize)
         test_loss = steps.compiled_loss(network.compute_loss, self.model, rng, shards, dataset.binarize)
         no_classes = np.zeros(len(test_images), np.uint8)  # the tutorial's CVAE takes none
         test_batches = dataset.make_batches((test_images, no_classes), dataset.EVAL_BATCH_SIZE)
@@ -150,8 +150,8 @@ class Variant:
         num_full_batches = len(train_images) // batch_size
 
         def run(images: np.ndarray, order: np.ndarray | None = None) -> None:  # train.fit's loop, no outputs
-            for train_x in steps.blocks(images, batch_size, order, steps_per_call=steps_per_call):
-                train_step(self.model, train_x, self.optimizer)
+            for batches in steps.batches(images, batch_size, order, steps_per_call=steps_per_call):
+                train_steps(batches)
 
         self.steps = lambda count: run(train_images[:min(count, num_full_batches) * batch_size])
         self.epoch = lambda n: run(train_images, dataset.epoch_order(len(train_images), train.SEED, n))

@@ -1,6 +1,6 @@
 """The machinery around the tutorial's code: what runs it fast and safely, and what the
 scripts share; the tutorial's model, loss and train_step (network.py, train.py) call none of
-it, and train.fit compiles train_step with it (steps.CompiledStep). Its modules:
+it, and train.fit compiles train_step with it (steps.compiled_train_steps). Its modules:
 
   cli             flags with their defaults in --help; one-line errors (exit code 2 for bad input)
   files           folders checked before use and held by one run, files and folders written whole
@@ -9,8 +9,8 @@ it, and train.fit compiles train_step with it (steps.CompiledStep). Its modules:
   faults          Ctrl-C and SIGTERM between steps; a full disk, a GPU out of memory, a lost worker
   launch          a training run's start and end, around train.fit
   distribute      tf.distribute: --strategy, each replica's batch, the chief, the workers' agreement
-  steps           train_step compiled: many steps a tf.function call, in replicas and shards
-  speed           bf16's bias gradients in float32, faster logits on AVX-512, the shards' threads
+  steps           train_step compiled: many steps a tf.function call; a batch's replicas and shards
+  speed           --shards and their threads
   hardware        the CPU or GPU, and whether bf16 pays there
   data_files      Keras .npz and MNIST IDX files, read and checked
   image_folder    a folder of images: its classes, split and fingerprint; image_decoding decodes it

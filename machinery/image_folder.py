@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from machinery import cli, image_decoding
@@ -20,8 +20,6 @@ from machinery.cli import UserError
 
 import numpy as np
 from PIL import Image
-
-import network
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # those Keras' loader takes
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow's modes without colour
@@ -51,6 +49,17 @@ class Listing:
     left_out: list[str]  # files that are not images (by extension), as Keras leaves them out
 
 
+def image_shape_problem(shape: Sequence[int]) -> str | None:
+    """Why the CVAE cannot take images of `shape` (height, width, channels); None if it can."""
+    height, width, channels = shape
+    if height % 4 or width % 4 or min(height, width) < 8:
+        return (f"images of {height}x{width} pixels: the CVAE needs sides that are multiples "
+                f"of 4, at least 8 (its decoder doubles a quarter-size start twice)")
+    if channels not in (1, 3):
+        return f"images of {channels} channels: the CVAE draws 1 (grey) or 3 (colour)"
+    return None
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """--image-size, --channels and --test-fraction: how a folder's files become arrays."""
     parser.add_argument("--image-size", type=image_size, default=None, metavar="N or H,W",
@@ -73,7 +82,7 @@ def image_size(text: str) -> list[int]:
     if len(sides) not in (1, 2):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or H,W (whole numbers of pixels)")
     height, width = sides * 2 if len(sides) == 1 else sides
-    if problem := network.image_shape_problem((height, width, 1)):
+    if problem := image_shape_problem((height, width, 1)):
         raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return [height, width]
 
@@ -213,7 +222,7 @@ def load(folder: Path, settings: Settings, expected: str | None = None) -> dict:
     described = image_decoding.in_parallel(_describe, listing.files, "file", workers=1)
     digests, sizes, modes = zip(*described)
     (height, width), channels = _settle_shape(folder, list(sizes), modes, settings)
-    if settings.image_size is None and (problem := network.image_shape_problem((height, width, channels))):
+    if settings.image_size is None and (problem := image_shape_problem((height, width, channels))):
         raise UserError(f"{folder}: {problem}; pass --image-size N to resize them")
     # The fingerprint: every file's name and bytes, in split order, and how they are decoded.
     digest = hashlib.sha256(json.dumps([height, width, channels, listing.split,

@@ -88,7 +88,7 @@ def load_config(out_dir: Path) -> dict:
     shape = config["image_shape"]
     if len(shape) != 3 or not all(isinstance(side, int) and not isinstance(side, bool) for side in shape):
         raise cli.UserError(f"{path} is damaged: image_shape {shape!r} is not (height, width, channels)")
-    if problem := network.image_shape_problem(shape):
+    if problem := image_folder.image_shape_problem(shape):
         raise cli.UserError(f"{path} is damaged: image_shape {shape!r}: {problem}")
     return config
 

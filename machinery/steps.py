@@ -1,16 +1,12 @@
-"""train.train_step compiled for speed, as fit calls it: many steps in one tf.function
-call (a Block of batches), each batch shared among the replicas of a tf.distribute strategy
-and cut into shards side by side, the noise of every step drawn from the run's generator.
-
-Each shard runs train_step as the tutorial wrote it, with a GradientAccumulator for its
-optimizer; the accumulator weighs the shard's gradients by its part of the batch, so that
-Adam then applies the whole batch's gradients once. One shard on one device gets Adam itself.
-"""
+"""train.train_step compiled for speed, as train.fit calls it: many steps in one tf.function
+call, each batch shared among the replicas of a tf.distribute strategy, the noise of every
+step drawn from the run's generator; and a batch's parts (its replicas' and shards'), which
+train_step and the test ELBO weigh by their share of the whole batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from machinery import distribute
 
@@ -22,31 +18,22 @@ STEPS_PER_CALL = 50  # train steps per tf.function call: progress and Ctrl-C aft
 LossFunction = Callable[..., tf.Tensor]  # compute_loss(model, x, eps, ..., y=None) -> loss
 CompiledLoss = Callable[..., tf.Tensor]  # images (and classes) -> loss, the noise drawn inside
 Prepare = Callable[[tf.Tensor], tf.Tensor]  # stored images (uint8) -> the model's input
+TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps, y=None) -> loss
 
 
-class AppliesGradients(Protocol):
-    """What train_step needs of its optimizer: Adam, or a shard's GradientAccumulator."""
+class Part(NamedTuple):
+    """One part of a batch: its images, noise and classes (None for the tutorial's model),
+    and its share of the whole batch."""
 
-    def apply_gradients(self, grads_and_vars: Iterable[tuple[tf.Tensor, tf.Variable]]) -> object: ...
+    x: tf.Tensor
+    eps: tf.Tensor
+    y: tf.Tensor | None
+    share: float | tf.Tensor
 
-
-TrainStep = Callable[..., tf.Tensor]  # train_step(model, x, optimizer, eps, kl=, beta=, y=) -> loss
-
-
-class GradientAccumulator:
-    """The optimizer of each shard's train_step: it adds up the shards' gradients, each
-    weighted by its shard's part of the batch (`next_shard`), for Adam to apply once."""
-
-    def __init__(self, variables: Sequence[tf.Variable]) -> None:
-        self.variables, self.total, self.weight = list(variables), None, 1.0
-
-    def next_shard(self, weight: float | tf.Tensor) -> None:
-        self.weight = weight
-
-    def apply_gradients(self, grads_and_vars: Iterable[tuple[tf.Tensor, tf.Variable]]) -> None:
-        weighted = [tf.math.multiply_no_nan(gradient, self.weight) for gradient, _ in grads_and_vars]
-        self.total = weighted if self.total is None else [
-            total + gradient for total, gradient in zip(self.total, weighted)]
+    def weigh(self, loss: tf.Tensor) -> tf.Tensor:
+        """The part's mean `loss` times its share (0 for an empty part, whose mean is NaN)."""
+        return loss if isinstance(self.share, float) and self.share == 1.0 else tf.math.multiply_no_nan(
+            loss, tf.cast(self.share, loss.dtype))
 
 
 def num_images(x: tf.Tensor) -> int | tf.Tensor:
@@ -54,38 +41,39 @@ def num_images(x: tf.Tensor) -> int | tf.Tensor:
     return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
 
 
-def weighted_shards(x: tf.Tensor, eps: tf.Tensor, shards: int, y: tf.Tensor | None = None
-                    ) -> Iterator[tuple[tf.Tensor, tf.Tensor, tf.Tensor | None, float | tf.Tensor]]:
-    """This replica's batch (its part of x, eps and the classes y, if any) cut into `shards`
-    consecutive shards (no more than it has images), each with its part of the whole batch
-    `x`: a weight. A replica's batch known to be empty (a last batch smaller than the
-    replicas) has no shards; one empty at run time gets weight 0."""
+def parts(x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None, shards: int = 1) -> Iterator[Part]:
+    """This replica's part of the batch (x, its noise eps and its classes y), cut into `shards`
+    consecutive shards (no more than it has images), each with its share of the whole batch.
+    On one device with one shard: the whole batch, of share 1. A replica with no image of a
+    last batch smaller than the replicas takes one of the batch's, of share 0: its gradients
+    are then zeros (some CPU kernels fail on an empty batch)."""
     replica_x, replica_eps = distribute.replica_batch(x), distribute.replica_batch(eps)
     replica_y = None if y is None else distribute.replica_batch(y)
     if replica_x.shape[0] == 0:
-        return  # some CPU kernels fail on an empty batch: nothing to compute
+        yield Part(x[:1], eps[:1], None if y is None else y[:1], 0.0)
+        return
+    if replica_x is x and shards == 1:
+        yield Part(x, eps, y, 1.0)
+        return
     shards = max(1, min(shards, replica_x.shape[0] if replica_x.shape[0] is not None else shards))
     for i in range(shards):
         shard_x = distribute.consecutive_part(replica_x, i, shards)
         shard_y = None if y is None else distribute.consecutive_part(replica_y, i, shards)
         shard_eps = distribute.consecutive_part(replica_eps, i, shards)
-        yield shard_x, shard_eps, shard_y, num_images(shard_x) / num_images(x)
+        yield Part(shard_x, shard_eps, shard_y, num_images(shard_x) / num_images(x))
 
 
 def weighted_loss(compute_loss: LossFunction, model: tf.keras.Model, x: tf.Tensor,
                   eps: tf.Tensor, shards: int, y: tf.Tensor | None = None) -> tf.Tensor:
-    """compute_loss of `x` (of classes `y`, for a conditional model), in `shards` shards side
-    by side, each weighted by its part of the batch (multiply_no_nan: the mean of an empty
-    shard is NaN, its weight 0)."""
-    total = None
-    for shard_x, shard_eps, shard_y, weight in weighted_shards(x, eps, shards, y):
-        loss = tf.math.multiply_no_nan(compute_loss(model, shard_x, shard_eps, y=shard_y),
-                                       tf.cast(weight, tf.float32))
-        total = loss if total is None else total + loss
-    return tf.constant(0.0) if total is None else total
+    """compute_loss of `x` (of classes `y`, for a conditional model), its parts side by side,
+    each weighted by its share of the batch."""
+    total = tf.constant(0.0)
+    for part in parts(x, eps, y, shards):
+        total += part.weigh(compute_loss(model, part.x, part.eps, y=part.y))
+    return total
 
 
-class Block(NamedTuple):
+class Batches(NamedTuple):
     """Batches of an epoch (STEPS_PER_CALL, or the smaller last one alone), stacked as one
     compiled call takes them."""
 
@@ -95,11 +83,11 @@ class Block(NamedTuple):
     labels: tf.Tensor | None  # their classes, where the data has any
 
 
-def blocks(images: np.ndarray | tf.Tensor, batch_size: int, order: np.ndarray | None = None,
-           labels: np.ndarray | None = None, steps_per_call: int = STEPS_PER_CALL) -> Iterator[Block]:
-    """The batches of images[order] (default: in order), steps_per_call to a Block; the last
-    batch may be smaller, in a Block of its own. Only a Block's images are gathered (from
-    uint8 images, say), so an epoch holds no copy of the set."""
+def batches(images: np.ndarray | tf.Tensor, batch_size: int, order: np.ndarray | None = None,
+            labels: np.ndarray | None = None, steps_per_call: int = STEPS_PER_CALL) -> Iterator[Batches]:
+    """The batches of images[order] (default: in order), steps_per_call at a time; the last
+    batch may be smaller, on its own. Only a call's images are gathered (from uint8 images,
+    say), so an epoch holds no copy of the set."""
     images = np.asarray(images)
     order = np.arange(len(images)) if order is None else order
     full = len(order) // batch_size
@@ -109,68 +97,44 @@ def blocks(images: np.ndarray | tf.Tensor, batch_size: int, order: np.ndarray | 
         # and the kernels (so the results) of a function traced for one batch size.
         picked = order[first * batch_size:(first + count) * batch_size]
         picked = np.pad(picked, (0, (steps_per_call - count) * batch_size), mode="edge")
-        batches = images[picked].reshape(steps_per_call, batch_size, *images.shape[1:])
+        stacked = images[picked].reshape(steps_per_call, batch_size, *images.shape[1:])
         classes = None if labels is None else tf.constant(labels[picked].reshape(steps_per_call, -1))
-        yield Block(first, tf.constant(batches), tf.constant(count), classes)
+        yield Batches(first, tf.constant(stacked), tf.constant(count), classes)
     if full * batch_size < len(order):  # the smaller last batch: one call of its own shape
         rest = order[full * batch_size:]
         classes = None if labels is None else tf.constant(labels[rest][np.newaxis])
-        yield Block(full, tf.constant(images[rest][np.newaxis]), tf.constant(1), classes)
+        yield Batches(full, tf.constant(images[rest][np.newaxis]), tf.constant(1), classes)
 
 
-class CompiledStep:
-    """train_step for `model` and `optimizer`, compiled to take a Block of batches (see the
-    module's docstring): called as train_step(model, train_x, optimizer), it returns the
-    losses of the Block's steps."""
-
-    def __init__(self, train_step: TrainStep, model: tf.keras.Model,
-                 optimizer: tf.keras.optimizers.Optimizer, rng: tf.random.Generator, *,
-                 strategy: tf.distribute.Strategy | None = None, shards: int = 1,
-                 prepare: Prepare | None = None) -> None:
-        self.train_step, self.model, self.optimizer, self.rng = train_step, model, optimizer, rng
-        self.strategy = strategy or tf.distribute.get_strategy()
-        self.shards, self.prepare = shards, prepare or tf.identity
-        if not optimizer.built:  # its variables must exist before the loop is traced
-            with self.strategy.scope():
-                optimizer.build(model.trainable_variables)
-
-    def __call__(self, model: tf.keras.Model, train_x: Block,
-                 optimizer: tf.keras.optimizers.Optimizer) -> np.ndarray:
-        if model is not self.model or optimizer is not self.optimizer:
-            raise ValueError("a CompiledStep runs the model and optimizer it was compiled for")
-        labels = train_x.labels if model.num_classes else None  # the tutorial's CVAE takes none
-        return self._steps(train_x.images, train_x.count, labels).numpy()
-
-    def _replica_step(self, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
-        """train_step on this replica's batch of `x` (of classes `y`, for a conditional
-        model), a shard at a time."""
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        if replicas == 1 and self.shards == 1:
-            return self.train_step(self.model, x, self.optimizer, eps, y=y)
-        summed, loss = GradientAccumulator(self.model.trainable_variables), tf.constant(0.0)
-        for shard_x, shard_eps, shard_y, weight in weighted_shards(x, eps, self.shards, y):
-            summed.next_shard(weight)
-            shard_loss = self.train_step(self.model, shard_x, summed, shard_eps, y=shard_y)
-            loss += tf.math.multiply_no_nan(shard_loss, tf.cast(weight, tf.float32))
-        if summed.total is None:  # an empty replica's batch: it adds nothing to the batch's gradients
-            summed.total = [tf.zeros_like(variable) for variable in summed.variables]
-        self.optimizer.apply_gradients(zip(summed.total, summed.variables))
-        return loss
+def compiled_train_steps(train_step: TrainStep, model: tf.keras.Model,
+                         optimizer: tf.keras.optimizers.Optimizer, rng: tf.random.Generator, *,
+                         strategy: tf.distribute.Strategy | None = None,
+                         prepare: Prepare | None = None) -> Callable[[Batches], np.ndarray]:
+    """train_step(model, x, optimizer, eps, y) on each batch of a Batches in one compiled
+    call, on every replica of `strategy`, the noise eps drawn from `rng`: the batches' losses."""
+    strategy = strategy or tf.distribute.get_strategy()
+    prepare = prepare or tf.identity
+    if not optimizer.built:  # its variables must exist before the loop is traced
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
 
     @tf.function
-    def _steps(self, batches: tf.Tensor, count: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Steps on batches[0], .., batches[count - 1] (the rest is padding), of classes
-        labels[i] for a conditional model; their losses."""
+    def train_steps(images: tf.Tensor, count: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         losses = tf.TensorArray(tf.float32, size=count)
-        for i in tf.range(count):
+        for i in tf.range(count):  # images[count:] is padding
             # One step after the other (a loop may otherwise start the next iterations early).
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            x = self.prepare(batches[i])
-            eps = self.rng.normal(shape=(tf.shape(x)[0], self.model.latent_dim))
-            step_inputs = (x, eps) if labels is None else (x, eps, tf.cast(labels[i], tf.int32))
-            loss = self.strategy.run(self._replica_step, args=step_inputs)
-            losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
+            x = prepare(images[i])
+            eps = rng.normal(shape=(tf.shape(x)[0], model.latent_dim))
+            y = None if labels is None else tf.cast(labels[i], tf.int32)
+            loss = strategy.run(train_step, args=(model, x, optimizer, eps, y))
+            losses = losses.write(i, strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None))
         return losses.stack()
+
+    def run(batches: Batches) -> np.ndarray:
+        labels = batches.labels if model.num_classes else None  # the tutorial's CVAE takes none
+        return train_steps(batches.images, batches.count, labels).numpy()
+    return run
 
 
 def compiled_loss(compute_loss: LossFunction, model: tf.keras.Model, rng: tf.random.Generator,

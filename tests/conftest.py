@@ -37,12 +37,10 @@ def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) ->
     return arrays
 
 
-def epoch_losses(compiled_step: steps.CompiledStep, images, batch_size: int = 32, **options) -> np.ndarray:
-    """What train.fit does with an epoch, less its records: the compiled train_step on each
-    Block of the images' batches (steps.blocks' `options`); the losses, a batch each."""
-    model, optimizer = compiled_step.model, compiled_step.optimizer
-    return np.concatenate([compiled_step(model, train_x, optimizer)
-                           for train_x in steps.blocks(images, batch_size, **options)])
+def epoch_losses(train_steps, images, batch_size: int = 32, **options) -> np.ndarray:
+    """What train.fit does with an epoch, less its records: the compiled train steps on the
+    images' batches (steps.batches' `options`); the losses, a batch each."""
+    return np.concatenate([train_steps(batches) for batches in steps.batches(images, batch_size, **options)])
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -34,12 +34,12 @@ for optimizer_name in ("sgd", "adam"):
                          else tf.keras.optimizers.Adam(1e-3))
             optimizer.build(model.trainable_variables)
         model.set_weights(initial)
-        compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
-                                           tf.random.Generator.from_seed(3), strategy=strategy)
+        train_steps = steps.compiled_train_steps(train.train_step, model, optimizer,
+                                                 tf.random.Generator.from_seed(3), strategy=strategy)
         # 39 images: a full batch, then 7 split 3 and 4; then 33: a last batch of one image,
         # one replica's batch empty.
-        losses = np.concatenate([compiled_step(model, train_x, optimizer) for count in (39, 33)
-                                 for train_x in steps.blocks(images[:count], 32)])
+        losses = np.concatenate([train_steps(batches) for count in (39, 33)
+                                 for batches in steps.batches(images[:count], 32)])
         results[name] = (losses, [np.asarray(w) for w in model.get_weights()])
     (loss_1, weights_1), (loss_2, weights_2) = results["single"], results["mirrored"]
     report[optimizer_name] = {

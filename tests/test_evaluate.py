@@ -46,8 +46,8 @@ def per_image_compute_loss(model, images, eps, kl="mc") -> np.ndarray:
 def test_the_elbo_of_each_image_is_minus_its_compute_loss(model, images):
     x, eps = images[:16], tf.random.stateless_normal((16, 2), seed=(1, 1))
     for kl in network.KL_ESTIMATORS:
-        losses = evaluate.losses_of_each_image(network.compute_loss, model, x, eps, kl)
-        np.testing.assert_allclose(losses, per_image_compute_loss(model, x, eps, kl), rtol=1e-5)
+        elbo, _, _ = evaluate.elbo_parts(model, x, eps, kl)
+        np.testing.assert_allclose(-elbo, per_image_compute_loss(model, x, eps, kl), rtol=1e-5)
 
 
 def test_iwae_with_one_sample_is_the_elbo_estimator(model, images):
@@ -91,9 +91,13 @@ def test_analytic_kl_is_the_mean_of_the_monte_carlo_estimate():
     z = mean + tf.exp(logvar / 2) * eps
     monte_carlo = tf.reduce_mean(network.log_normal_pdf(z, mean, logvar, raxis=2)
                                  - network.log_normal_pdf(z, 0.0, 0.0, raxis=2), axis=0)
-    np.testing.assert_allclose(monte_carlo, network.analytic_kl(mean, logvar), atol=0.02)
-    # The closed form: zero for q = p.
-    assert float(network.analytic_kl(tf.zeros((1, 3)), tf.zeros((1, 3)))[0]) == 0.0
+    logpz, logqz_x = network.expected_log_normal_pdfs(mean, logvar)
+    np.testing.assert_allclose(monte_carlo, logqz_x - logpz, atol=0.02)
+    # The closed form, 1/2 sum(sigma^2 + mu^2 - 1 - log sigma^2), and zero for q = p.
+    by_hand = 0.5 * np.sum(np.exp(logvar) + mean**2 - 1 - logvar, axis=1)
+    np.testing.assert_allclose(logqz_x - logpz, by_hand, rtol=1e-5)
+    logpz, logqz_x = network.expected_log_normal_pdfs(tf.zeros((1, 3)), tf.zeros((1, 3)))
+    assert float(logqz_x[0] - logpz[0]) == 0.0
 
 
 def test_the_elbos_parts_are_those_of_compute_loss(model, images):
@@ -104,36 +108,53 @@ def test_the_elbos_parts_are_those_of_compute_loss(model, images):
     p = tf.sigmoid(model.decode(z)).numpy().astype(np.float64)
     logpx_z = (images[:16] * np.log(p) + (1 - images[:16]) * np.log(1 - p)).sum(axis=(1, 2, 3))
     kl_terms = {"mc": network.log_normal_pdf(z, mean, logvar) - network.log_normal_pdf(z, 0.0, 0.0),
-                "analytic": network.analytic_kl(mean, logvar)}
+                "analytic": 0.5 * tf.reduce_sum(tf.exp(logvar) + mean**2 - 1. - logvar, axis=1)}
     for kl, kl_term in kl_terms.items():
-        elbo, reconstruction, kl_part = evaluate.elbo_parts(network.compute_loss, model, x, eps, kl)
+        elbo, reconstruction, kl_part = evaluate.elbo_parts(model, x, eps, kl)
         np.testing.assert_allclose(elbo, -per_image_compute_loss(model, images[:16], eps, kl), rtol=1e-5)
         np.testing.assert_allclose(reconstruction, logpx_z, rtol=1e-4)
         np.testing.assert_allclose(kl_part, kl_term, atol=2e-3)  # a difference of two sums of ~-150
 
 
-def test_an_edit_of_compute_loss_shows_in_every_figure(images, monkeypatch):
-    """network.py's compute_loss with its return line edited to weigh the KL term 0, as a
-    user might (a beta-VAE with beta = 0): the ELBO becomes log p(x|z), the KL part 0, and
-    the IWAE weights follow."""
-    source = inspect.getsource(network.compute_loss)
-    edited = source.replace("return -tf.reduce_mean(logpx_z + logpz - logqz_x)",
-                            "return -tf.reduce_mean(logpx_z + 0.0 * (logpz - logqz_x))")
-    assert edited != source
+def edited(function, old: str, new: str) -> object:
+    """network.py's `function` with a line of it edited, as a user might."""
+    source = inspect.getsource(function)
+    assert old in source, old
     namespace = dict(vars(network))
-    exec(edited, namespace)
+    exec(source.replace(old, new), namespace)
+    return namespace[function.__name__]
+
+
+def figures_afresh(model, images, monkeypatch) -> dict:
+    """evaluate_run's figures with its compiled functions traced anew, as in a new process."""
+    for compiled in (evaluate.elbo_parts, evaluate.log_weights):
+        monkeypatch.setattr(evaluate, compiled.__name__, tf.function(compiled.python_function))
+    return evaluate.evaluate_run(model, images[:32], iw_samples=3, kl="mc", seed=1)
+
+
+def test_an_edit_of_a_part_shows_in_every_figure_and_of_the_weighting_in_none(images, monkeypatch):
+    """log p(x|z) lowered by 5 nats in elbo_terms moves the ELBO, its reconstruction part and
+    the IWAE bound by -5 and the KL by 0; compute_loss's return edited to weigh the KL by 0
+    (a beta-VAE) changes training alone: the figures stay the ELBO's."""
     tf.keras.utils.set_random_seed(5)
     model = network.CVAE(2)
     codes = model.encoder.layers[-1]
     codes.kernel.assign(codes.kernel * 100)  # posteriors far from the prior: a KL of tens of nats
-
-    before = evaluate.evaluate_run(model, images[:32], iw_samples=3, kl="mc", seed=1)
-    monkeypatch.setattr(network, "compute_loss", namespace["compute_loss"])
-    after = evaluate.evaluate_run(model, images[:32], iw_samples=3, kl="mc", seed=1)
-    reconstruction = before["reconstruction_log_likelihood"]["mean"]
-    assert after["elbo"]["mean"] == pytest.approx(reconstruction, abs=1e-3)
-    assert after["kl"]["mean"] == pytest.approx(0.0, abs=1e-3) and before["kl"]["mean"] > 10
-    assert after["iwae_log_likelihood"]["mean"] > before["iwae_log_likelihood"]["mean"] + 10
+    figures = {"as written": figures_afresh(model, images, monkeypatch)}
+    line = "logpx_z = -tf.reduce_sum(cross_ent, axis=[1, 2, 3])"
+    with monkeypatch.context() as patch:
+        patch.setattr(network, "elbo_terms", edited(network.elbo_terms, line, line + " - 5."))
+        figures["log p(x|z) - 5"] = figures_afresh(model, images, patch)
+    with monkeypatch.context() as patch:
+        patch.setattr(network, "compute_loss", edited(network.compute_loss, "beta * logpz - beta * logqz_x",
+                                                      "0. * logpz - 0. * logqz_x"))
+        figures["beta 0"] = figures_afresh(model, images, patch)
+    before = figures["as written"]
+    assert before["kl"]["mean"] > 10
+    for key, shift in (("elbo", -5), ("reconstruction_log_likelihood", -5), ("kl", 0),
+                       ("iwae_log_likelihood", -5)):
+        assert figures["log p(x|z) - 5"][key]["mean"] == pytest.approx(before[key]["mean"] + shift, abs=1e-3)
+        assert figures["beta 0"][key]["mean"] == before[key]["mean"]
 
 
 @pytest.fixture(scope="module")

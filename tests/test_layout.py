@@ -67,3 +67,11 @@ def test_the_tutorials_code_calls_none_of_the_machinery():
 def test_no_module_is_over_300_lines():
     lengths = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in SOURCES}
     assert max(lengths.values()) <= 300, lengths
+
+
+def test_what_network_py_builds_is_what_runs():
+    """No layer's class changed at run time and no private TensorFlow module, anywhere."""
+    for path in SOURCES + sorted(ROOT.glob("tests/*.py")):
+        source = path.read_text()
+        for banned in ("__class__ =", "tensorflow.python", "pfor", "vectorized_map"):
+            assert banned not in source or path.name == "test_layout.py", (path.name, banned)

@@ -1,8 +1,9 @@
-"""Each speed trick against what it stands in for: Keras' own layer, values and gradients;
-the shards against the whole batch; the thread set-up."""
+"""What runs for speed against what it stands for: the shards against the whole batch; the
+thread set-up; and bf16's biases, which network.CVAE adds in float32 so that they learn."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -13,116 +14,51 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, epoch_losses
 
-import evaluate
 import network
 import train
 
 
-def keras_model(*layers: tf.keras.layers.Layer, shape=(28, 28, 32)) -> tf.keras.Sequential:
-    return tf.keras.Sequential([tf.keras.layers.InputLayer(shape=shape), *layers])
-
-
-@pytest.mark.parametrize("kernel_size", [3, 5])
-def test_the_logits_layer_as_a_depthwise_convolution_is_keras(kernel_size):
-    ours, keras = (keras_model(tf.keras.layers.Conv2DTranspose(1, kernel_size, padding="same"))
-                   for _ in range(2))
-    rng = np.random.default_rng(7)
-    keras.set_weights([rng.normal(size=w.shape) for w in keras.get_weights()])
-    ours.set_weights(keras.get_weights())
-    assert speed.depthwise_logits(ours, where_it_pays=False) == [ours.layers[0].name]
-    assert type(ours.layers[0]) is speed.DepthwiseLogits
-    assert type(keras.layers[0]) is tf.keras.layers.Conv2DTranspose
-    x = tf.constant(rng.normal(size=(4, 28, 28, 32)), tf.float32)
-    results = []
-    for model in (ours, keras):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = model(x)
-            total = tf.reduce_sum(y * tf.range(28.0)[:, None, None])  # uneven weights
-        results.append([y, *tape.gradient(total, [x, *model.trainable_variables])])
-    # Sums in another order: rounding, whose typical size for a float32 sum of n terms is
-    # sqrt(n) ulps of the result's scale; the widest sums here (the kernel's and the bias'
-    # gradients) add 4 x 28 x 28 terms. A wrong kernel (unflipped, say) is off by O(1).
-    atol_per_scale = np.sqrt(4 * 28 * 28) * np.finfo(np.float32).eps
-    for ours_, keras_ in zip(*results):
-        np.testing.assert_allclose(ours_, keras_, atol=atol_per_scale * np.abs(keras_).max())
-
-
-@pytest.mark.parametrize("layer", [tf.keras.layers.Conv2DTranspose(1, 4, padding="same"),  # even kernel
-                                   tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding="same"),
-                                   tf.keras.layers.Conv2DTranspose(1, 3, padding="valid"),
-                                   tf.keras.layers.Conv2DTranspose(2, 3, padding="same"),
-                                   tf.keras.layers.Conv2D(8, 3)])
-def test_other_layers_keep_keras_own_kernels(layer):
-    model = keras_model(layer, shape=(7, 7, 4))
-    assert speed.depthwise_logits(model, where_it_pays=False) == speed.float32_bias_gradients(model) == []
-    assert type(model.layers[0]).__module__.startswith("keras")
-
-
-def test_the_cvaes_fast_kernels_keep_its_variables_and_outputs():
-    x = tf.constant((np.random.default_rng(3).random((4, 28, 28, 1)) < 0.3).astype(np.float32))
-    eps = tf.random.stateless_normal((4, 2), seed=(3, 3))
-    for precision, swapped in (("fp32", 0), ("bf16", 4)):  # bf16: the 4 hidden convolutions
-        tf.keras.utils.set_random_seed(3)
-        model = network.CVAE(2, precision)
-        before = [w.numpy() for w in model.weights]
-        loss = network.compute_loss(model, x, eps)
-        assert len(speed.float32_bias_gradients(model)) == swapped
-        assert len(speed.depthwise_logits(model, where_it_pays=False)) == 1
-        assert all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.weights))
-        np.testing.assert_allclose(network.compute_loss(model, x, eps), loss, rtol=1e-5 if precision == "fp32"
-                                   else 1e-3)
-
-
-def test_vectorized_map_takes_the_depthwise_logits():
-    """evaluate.py runs compute_loss in tf.vectorized_map, whose own rule for a depthwise
-    convolution fails on a kernel shared by every iteration; a kernel per iteration still
-    goes to TensorFlow's rule."""
-    keras, ours = (keras_model(tf.keras.layers.Conv2DTranspose(1, 3, padding="same")) for _ in range(2))
-    ours.set_weights(keras.get_weights())
-    assert speed.depthwise_logits(ours, vectorized=True, where_it_pays=False) == [ours.layers[0].name]
-    x = tf.random.stateless_normal((5, 2, 28, 28, 32), seed=(4, 4))
-    np.testing.assert_allclose(tf.vectorized_map(ours, x, fallback_to_while_loop=False),
-                               tf.stack([keras(images) for images in x]), rtol=1e-4, atol=1e-5)
-    kernels = tf.random.stateless_normal((5, 3, 3, 32, 1), seed=(5, 5))
-    convolve = lambda pair: tf.nn.depthwise_conv2d(pair[0], pair[1], [1, 1, 1, 1], "SAME")  # noqa: E731
-    np.testing.assert_allclose(tf.vectorized_map(convolve, (x, kernels), fallback_to_while_loop=False),
-                               tf.stack([convolve(pair) for pair in zip(x, kernels)]), rtol=1e-5, atol=1e-5)
-
-
-def test_the_iwae_bound_with_the_fast_kernels_is_keras():
-    tf.keras.utils.set_random_seed(4)
-    keras, ours = network.CVAE(2), network.CVAE(2)
-    ours.set_weights(keras.get_weights())
-    logits = ours.decoder.layers[-1].name
-    assert speed.depthwise_logits(ours, vectorized=True, where_it_pays=False) == [logits]
-    x = tf.constant((np.random.default_rng(4).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
-    eps = evaluate.noise(4, 0, 1, (8, 20, 2))
-    np.testing.assert_allclose(evaluate.iwae_bound(ours, x, eps), evaluate.iwae_bound(keras, x, eps),
-                               rtol=1e-5)
-
-
-@pytest.mark.parametrize("sets, gpu, swapped", [(["AVX2", "AVX-512"], False, True),
-                                                (["AVX2"], False, False), (["AVX2", "AVX-512"], True, False)])
-def test_the_logits_layer_is_swapped_only_where_it_pays(monkeypatch, sets, gpu, swapped):
-    """The depthwise logits on a CPU with AVX-512 alone: with AVX2 alone (and, unmeasured, on
-    a GPU) Keras' own kernel is the faster."""
-    monkeypatch.setattr(speed.hardware, "instruction_sets", lambda: sets)
-    monkeypatch.setattr(speed.hardware, "has_gpu", lambda: gpu)
-    model = network.CVAE(2)
-    assert speed.depthwise_logits(model) == ([model.decoder.layers[-1].name] if swapped else [])
-
-
 @pytest.mark.parametrize("kind", [tf.keras.layers.Conv2D, tf.keras.layers.Conv2DTranspose])
 def test_bf16_bias_gradients_are_summed_in_float32(kind):
-    model = keras_model(kind(8, 3, padding="same", dtype="mixed_bfloat16"), shape=(28, 28, 1))
-    assert len(speed.float32_bias_gradients(model)) == 1
-    layer = model.layers[0]
+    """A bfloat16 layer with a bias (any: here one a student might add) becomes the layer
+    without it and a float32 BiasAdd, whose gradient is the whole sum."""
+    layers = network.with_float32_bias_gradients(
+        [tf.keras.layers.InputLayer(shape=(28, 28, 1)),
+         kind(8, 3, padding="same", activation="relu", dtype="mixed_bfloat16")])
+    model = tf.keras.Sequential(layers)
+    assert [type(layer) for layer in model.layers] == [kind, network.BiasAdd]
+    assert not model.layers[0].use_bias and model.layers[1].compute_dtype == "float32"
     with tf.GradientTape() as tape:
-        total = tf.reduce_sum(tf.cast(model(tf.ones((32, 28, 28, 1))), tf.float32))
-    # d total / d bias = the number of outputs per channel: 32 x 28 x 28 = 25,088. Summed
-    # in bfloat16 (Keras' layer on TensorFlow's CPU kernels), it stalls far short (at 512).
-    np.testing.assert_array_equal(tape.gradient(total, layer.bias), np.full(8, 32 * 28 * 28))
+        total = tf.reduce_sum(model(tf.ones((32, 28, 28, 1))))
+    # d total / d bias = the number of outputs per channel where the ReLU is open, at most
+    # 32 x 28 x 28 = 25,088. Summed in bfloat16 (TensorFlow's CPU kernels), it stalls at 512.
+    bias_gradient = tape.gradient(total, model.layers[1].bias).numpy()
+    outputs = model(tf.ones((32, 28, 28, 1))).numpy()
+    np.testing.assert_array_equal(bias_gradient, (outputs > 0).sum(axis=(0, 1, 2)))
+    assert bias_gradient.max() > 4096
+
+
+def test_float32_layers_and_layers_without_a_bias_are_left_alone():
+    layers = [tf.keras.layers.Conv2D(8, 3), tf.keras.layers.Flatten(dtype="mixed_bfloat16"),
+              tf.keras.layers.Dense(4, use_bias=False, dtype="mixed_bfloat16")]
+    assert network.with_float32_bias_gradients(layers) == layers
+
+
+def test_a_bf16_cvae_starts_from_the_fp32_weights_and_computes_alike():
+    """The same seed gives a bf16 CVAE the fp32 one's weights (the same initializers, in
+    order), and its loss agrees to bfloat16's precision."""
+    weights, losses = {}, {}
+    x = tf.constant((np.random.default_rng(2).random((16, 28, 28, 1)) < 0.3).astype(np.float32))
+    eps = tf.random.stateless_normal((16, 2), seed=(2, 2))
+    for precision in ("fp32", "bf16"):
+        tf.keras.utils.set_random_seed(2)
+        model = network.CVAE(2, precision)
+        weights[precision] = model.get_weights()
+        losses[precision] = float(network.compute_loss(model, x, eps))
+    assert len(weights["fp32"]) == len(weights["bf16"]) == 14
+    for fp32, bf16 in zip(weights["fp32"], weights["bf16"]):
+        np.testing.assert_array_equal(fp32, bf16)
+    assert abs(losses["fp32"] - losses["bf16"]) < 0.01 * abs(losses["fp32"])
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
@@ -139,9 +75,9 @@ def test_a_step_in_shards_is_the_whole_batch_step(shards, optimizer_name):
         model.set_weights(initial)
         optimizer = (tf.keras.optimizers.SGD(1e-2) if optimizer_name == "sgd"
                      else tf.keras.optimizers.Adam(1e-3))
-        compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
-                                           tf.random.Generator.from_seed(5), shards=count)
-        losses = epoch_losses(compiled_step, images)
+        train_steps = steps.compiled_train_steps(functools.partial(train.train_step, shards=count),
+                                                 model, optimizer, tf.random.Generator.from_seed(5))
+        losses = epoch_losses(train_steps, images)
         results.append((losses, model.get_weights()))
     (whole_losses, whole_weights), (losses, weights) = results
     assert len(losses) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 from statistics import NormalDist
 
 from machinery import steps
@@ -36,8 +37,8 @@ def test_train_steps_have_finite_gradients_and_lower_the_loss():
     first_eps = tf.random.Generator.from_seed(3).normal((32, 2))  # what rng draws first
     weights_before = [w.numpy() for w in model.trainable_variables]
     first_loss = network.compute_loss(model, x, first_eps)
-    compiled_step = steps.CompiledStep(train.train_step, model, optimizer, rng)
-    losses = epoch_losses(compiled_step, tf.concat([x] * 5, 0))
+    train_steps = steps.compiled_train_steps(train.train_step, model, optimizer, rng)
+    losses = epoch_losses(train_steps, tf.concat([x] * 5, 0))
     assert losses.shape == (5,)
     np.testing.assert_allclose(losses[0], first_loss, rtol=1e-6)  # the batch's mean loss
     assert any(not np.array_equal(a, b.numpy())
@@ -51,9 +52,10 @@ def test_an_epoch_takes_every_batch_in_order_and_a_smaller_last_one():
     model = network.CVAE(2)
     optimizer = tf.keras.optimizers.SGD(0.0)  # the weights stay: each loss is checkable
     images = tf.constant((np.random.default_rng(4).random((70, 28, 28, 1)) < 0.2).astype(np.float32))
-    compiled_step = steps.CompiledStep(train.train_step, model, optimizer, tf.random.Generator.from_seed(4))
-    calls = [(block.first, compiled_step(model, block, optimizer))
-             for block in steps.blocks(images, batch_size=32, steps_per_call=2)]
+    train_steps = steps.compiled_train_steps(train.train_step, model, optimizer,
+                                             tf.random.Generator.from_seed(4))
+    calls = [(batches.first, train_steps(batches))
+             for batches in steps.batches(images, batch_size=32, steps_per_call=2)]
     assert [first for first, _ in calls] == [0, 2]  # two full batches in one call, then the rest
     losses = np.concatenate([losses for _, losses in calls])
 
@@ -102,12 +104,12 @@ def test_an_epoch_prepares_uint8_batches_in_the_epoch_order():
     for stored in ("uint8", "float32 in order"):
         tf.keras.utils.set_random_seed(7)
         model = network.CVAE(2)
-        compiled_step = steps.CompiledStep(train.train_step, model, tf.keras.optimizers.Adam(1e-3),
-                                           tf.random.Generator.from_seed(7),
-                                           prepare=dataset.binarize if stored == "uint8" else None)
+        train_steps = steps.compiled_train_steps(train.train_step, model, tf.keras.optimizers.Adam(1e-3),
+                                                 tf.random.Generator.from_seed(7),
+                                                 prepare=dataset.binarize if stored == "uint8" else None)
         losses[stored] = (
-            epoch_losses(compiled_step, pixels, order=order, steps_per_call=2) if stored == "uint8"
-            else epoch_losses(compiled_step, dataset.binarize(pixels[order]), steps_per_call=2))
+            epoch_losses(train_steps, pixels, order=order, steps_per_call=2) if stored == "uint8"
+            else epoch_losses(train_steps, dataset.binarize(pixels[order]), steps_per_call=2))
     assert losses["uint8"].shape == (4,)
     np.testing.assert_array_equal(losses["uint8"], losses["float32 in order"])
 
@@ -158,9 +160,9 @@ def test_the_train_step_trains_with_network_compute_loss(monkeypatch):
             model = network.CVAE(2)
             optimizer = tf.keras.optimizers.Adam(1e-3)
             before = [w.numpy() for w in model.trainable_variables]
-            compiled_step = steps.CompiledStep(train.train_step, model, optimizer,
-                                               tf.random.Generator.from_seed(6), shards=shards)
-            epoch_losses(compiled_step, tf.concat([x] * 3, 0))
+            train_steps = steps.compiled_train_steps(functools.partial(train.train_step, shards=shards),
+                                                     model, optimizer, tf.random.Generator.from_seed(6))
+            epoch_losses(train_steps, tf.concat([x] * 3, 0))
             moved[name, shards] = [not np.array_equal(a, b.numpy())
                                    for a, b in zip(before, model.trainable_variables)]
     for shards in (1, 2):
