@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, files, projector, records, resumable, run_folder
+from machinery import cli, distribute, files, projector, records, resumable, run_folder, speed
 
 import numpy as np
 import tensorflow as tf
@@ -77,12 +77,12 @@ def elbo_parts(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str,
 def log_weights(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
     """The log importance weights log p(x, z_k) - log q(z_k|x) of each image of `x` and draw
     z_k (noise eps: batch, k, latent): (batch, k). The K draws of an image are a batch of K
-    copies of it."""
+    copies of it, which share its one encoding."""
     batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
-    copies = tf.repeat(x, k, axis=0)  # image i, k times, then image i + 1
-    classes = None if y is None else tf.repeat(y, k, axis=0)
-    logpx_z, logpz, logqz_x = network.elbo_terms(model, copies, tf.reshape(eps, [batch * k, -1]),
-                                                 "mc", classes)
+    mean, logvar = model.encode(x, y)
+    copies = [None if part is None else tf.repeat(part, k, axis=0) for part in (x, y, mean, logvar)]
+    logpx_z, logpz, logqz_x = network.elbo_terms(model, copies[0], tf.reshape(eps, [batch * k, -1]),
+                                                 "mc", copies[1], posterior=copies[2:])
     return tf.reshape(logpx_z + logpz - logqz_x, [batch, k])
 
 
@@ -173,7 +173,9 @@ def evaluate_run(model: network.CVAE, images: np.ndarray, *, iw_samples: int, kl
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
-    model, config, checkpoint_path, epoch = run_folder.load_trained_model(out_dir)
+    # speed.logits_layer: a faster kernel for the same logits, where it pays (machinery/speed.py)
+    model, config, checkpoint_path, epoch = run_folder.load_trained_model(
+        out_dir, logits_layer=speed.logits_layer())
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
     source = args.data or config["data"]

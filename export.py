@@ -6,7 +6,7 @@ writes into the run folder (train.py does the same at the end of every run):
   cvae.keras         the whole CVAE in Keras' format: keras.saving.load_model, with network.py
                      imported (python generate.py and python network.py --from read it)
   cvae_savedmodel/   a SavedModel for plain TensorFlow, no project code needed:
-                     decode (z -> pixel probabilities; for the logistic, pixel medians),
+                     decode (z -> pixels: their probabilities; for the logistic, their medians),
                      encode (images -> mean, logvar), in the shapes of the run's images
 """
 
@@ -31,7 +31,7 @@ def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
 
     def decode(z: tf.Tensor, *y: tf.Tensor) -> dict[str, tf.Tensor]:
         # What pictures show: pixel probabilities (for the logistic, medians).
-        return {"probabilities": model.decode(z, apply_sigmoid=True, y=y[0] if y else None)}
+        return {"pixels": model.decode(z, apply_sigmoid=True, y=y[0] if y else None)}
 
     def encode(images: tf.Tensor, *y: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, logvar = model.encode(images, y[0] if y else None)
@@ -46,7 +46,7 @@ def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
 
 def export_model(model: network.CVAE, out_dir: Path) -> None:
     """Write cvae.keras and cvae_savedmodel/ into `out_dir`, each whole or not at all: the
-    model's weights in the tutorial's own layers (training may have swapped faster kernels in)."""
+    model's weights in a CVAE of its settings (evaluate.py may build another logits layer)."""
     plain = network.CVAE(**model.get_config())
     plain.set_weights(model.get_weights())
     model = plain

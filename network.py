@@ -15,19 +15,18 @@ model's classes.
 from __future__ import annotations
 
 import argparse
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, model_size  # for python network.py, below; the model and its loss need none
+from machinery import cli, files, model_size  # python network.py's, below; the model and its loss need none
 
 import numpy as np
 import tensorflow as tf
 
 LATENT_DIM = 2
 IMAGE_SHAPE = (28, 28, 1)
-# --precision: the Keras dtype policy of the hidden layers. The layers at the latent code
-# and the last layer stay float32, so z, its sampling and the loss keep float32.
+# --precision: the Keras dtype policy of the hidden layers. The layers at the latent code, the
+# last layer and the biases (BiasAdd) stay float32: z, its sampling and the loss keep float32.
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 KL_ESTIMATORS = ("mc", "analytic")
 # p(x|z): the tutorial's Bernoulli for binarized pixels, or a discretized logistic for 8-bit ones.
@@ -43,7 +42,7 @@ class CVAE(tf.keras.Model):
 
     def __init__(self, latent_dim: int = LATENT_DIM, precision: str = "fp32", filters: int | None = None,
                  image_shape: Sequence[int] = IMAGE_SHAPE, likelihood: str = "bernoulli",
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, logits_layer: type = tf.keras.layers.Conv2DTranspose) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.precision = precision
@@ -83,8 +82,9 @@ class CVAE(tf.keras.Model):
                 tf.keras.layers.Conv2DTranspose(
                     filters=filters or 32, kernel_size=3, strides=2, padding='same',
                     activation='relu', dtype=hidden),
-                # No activation
-                tf.keras.layers.Conv2DTranspose(
+                # No activation. (logits_layer: the same layer and weights computed another way;
+                # evaluate.py's faster speed.DepthwiseLogits where it pays.)
+                logits_layer(
                     filters=outputs, kernel_size=3, strides=1, padding='same', dtype="float32"),
             ]),
             name="decoder",
@@ -136,18 +136,25 @@ class BiasAdd(tf.keras.layers.Layer):
     """A bias and an activation in float32, taken out of a bfloat16 layer: TensorFlow's CPU
     kernels sum a bfloat16 bias gradient in bfloat16, where a sum of thousands stalls."""
 
-    def __init__(self, activation: str | None = None, **kwargs) -> None:
+    def __init__(self, activation: object = None, bias_initializer: object = "zeros",
+                 bias_regularizer: object = None, bias_constraint: object = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.activation = tf.keras.activations.get(activation)
+        self.options = {"initializer": bias_initializer, "regularizer": bias_regularizer,
+                        "constraint": bias_constraint}
 
     def build(self, input_shape: Sequence[int | None]) -> None:
-        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), **self.options)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         return self.activation(inputs + self.bias)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "activation": tf.keras.activations.serialize(self.activation)}
+        return {**super().get_config(), "activation": tf.keras.activations.serialize(self.activation),
+                **{f"bias_{name}": option for name, option in self.options.items()}}
+
+
+SPLIT_LAYERS = (tf.keras.layers.Dense, tf.keras.layers.Conv2D, tf.keras.layers.Conv2DTranspose)
 
 
 def with_float32_bias_gradients(layers: list[tf.keras.layers.Layer]) -> list[tf.keras.layers.Layer]:
@@ -157,9 +164,14 @@ def with_float32_bias_gradients(layers: list[tf.keras.layers.Layer]) -> list[tf.
     for layer in layers:
         config = layer.get_config()
         if layer.compute_dtype == "bfloat16" and config.get("use_bias"):
+            if not isinstance(layer, SPLIT_LAYERS) or config.get("data_format") == "channels_first":
+                raise ValueError(f"{layer.name}: a bfloat16 {type(layer).__name__} with a bias; CVAE adds "
+                                 f"the biases of Dense and Conv2D(Transpose) layers (channels last) in "
+                                 f"float32 alone: give it dtype='float32' or use_bias=False")
             split.append(type(layer).from_config({**config, "use_bias": False, "activation": None,
                                                   "kernel_initializer": layer.kernel_initializer}))
-            layer = BiasAdd(config["activation"], dtype="float32", name=f"{layer.name}_bias")
+            layer = BiasAdd(layer.activation, *(config[f"bias_{name}"] for name in (
+                "initializer", "regularizer", "constraint")), dtype="float32", name=f"{layer.name}_bias")
         split.append(layer)
     return split
 
@@ -212,11 +224,12 @@ def logistic_median(outputs: tf.Tensor) -> tf.Tensor:
 
 
 def elbo_terms(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str = "mc",
-               y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+               y: tf.Tensor | None = None, posterior: tuple | None = None) -> tuple[tf.Tensor, ...]:
     """The tutorial's compute_loss up to its return: log p(x|z), log p(z) and log q(z|x) of
     each image, for one z ~ q(z|x) (noise eps). Training, the test ELBO and evaluate.py's
-    every figure are made of these."""
-    mean, logvar = model.encode(x, y)  # y: the classes, for --conditional (None: the tutorial's)
+    every figure are made of these. (posterior: x's encoding, where x repeats an image.)"""
+    # y: the classes, for --conditional (None: the tutorial's)
+    mean, logvar = model.encode(x, y) if posterior is None else posterior
     z = model.reparameterize(mean, logvar, eps)
     if model.likelihood == "logistic":  # --likelihood logistic, for 8-bit pixels
         x_mean_and_log_scale = model.decode(z, y=y)
@@ -258,20 +271,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_model(path: str | Path) -> CVAE:
     """The CVAE a run exported: `path` is its run folder (holding cvae.keras) or the file."""
-    path = Path(path)
-    file = path / KERAS_FILE if path.is_dir() else path
-    if not file.is_file():
-        where = f"{path} holds no {KERAS_FILE}" if path.is_dir() else f"{path}: no such file or folder"
-        raise cli.UserError(f"{where}; a run exports one at its end, and python export.py "
-                            f"--out-dir RUN exports one from a run's checkpoints")
-    try:
-        model = tf.keras.models.load_model(file)
-    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
-        raise cli.UserError(f"{file} is not a Keras .keras archive of a model "
-                            f"({cli.first_line(error)})") from None
-    if not isinstance(model, CVAE):
-        raise cli.UserError(f"{file} holds a {type(model).__name__}, not a CVAE")
-    return model
+    return files.load_keras_model(path, KERAS_FILE, CVAE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

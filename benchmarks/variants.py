@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, model_size, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, model_size, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -93,11 +93,12 @@ class Variant:
         self.model = network.CVAE(train.LATENT_DIM, precision)
         self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
         self.optimizer.build(self.model.trainable_variables)
-        self.plain_model = network.CVAE(train.LATENT_DIM)  # as evaluate.py loads it
+        # As evaluate.py loads it: fp32, with the logits layer that pays here (speed.logits_layer).
+        self.plain_model = network.CVAE(train.LATENT_DIM, logits_layer=speed.logits_layer())
         self.plain_model.set_weights(self.model.get_weights())
         self.iwae_images = dataset.binarize(test_images[:IWAE_IMAGES])
         self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), iw_samples, train.LATENT_DIM))
-        if name == "tutorial":  # Keras' own kernels, on images binarized up front as the tutorial does
+        if name == "tutorial":  # one step a call, on images binarized up front as the tutorial does
             self._tutorial(dataset.binarize(train_images).numpy(), dataset.binarize(test_images).numpy())
         else:
             self._port(train_images, test_images, steps_per_call=steps_per_call, shards=shards)

@@ -1,16 +1,17 @@
 """The machinery around the tutorial's code: what runs it fast and safely, and what the
-scripts share; the tutorial's model, loss and train_step (network.py, train.py) call none of
-it, and train.fit compiles train_step with it (steps.compiled_train_steps). Its modules:
+scripts share. The tutorial's model and loss (network.py) call none of it; train_step takes
+its batch's parts from steps.parts, and train.fit compiles it with steps.compiled_train_steps.
+Its modules:
 
   cli             flags with their defaults in --help; one-line errors (exit code 2 for bad input)
-  files           folders checked before use and held by one run, files and folders written whole
+  files           folders checked and held by one run, files written whole, a .keras model read back
   run_folder      config.json, --resume and --overwrite, one run per folder
   records         checkpoints, metrics.csv, TensorBoard and the progress bar of a run
   faults          Ctrl-C and SIGTERM between steps; a full disk, a GPU out of memory, a lost worker
   launch          a training run's start and end, around train.fit
   distribute      tf.distribute: --strategy, each replica's batch, the chief, the workers' agreement
   steps           train_step compiled: many steps a tf.function call; a batch's replicas and shards
-  speed           --shards and their threads
+  speed           --shards and their threads; evaluate.py's faster logits layer
   hardware        the CPU or GPU, and whether bf16 pays there
   data_files      Keras .npz and MNIST IDX files, read and checked
   image_folder    a folder of images: its classes, split and fingerprint; image_decoding decodes it

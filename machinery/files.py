@@ -10,10 +10,14 @@ import os
 import shutil
 import time
 import typing
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from machinery import cli
 from machinery.cli import UserError
+
+import tensorflow as tf
 
 try:
     import fcntl
@@ -157,3 +161,22 @@ def hold_folder(folder: Path) -> str | None:
     lock.flush()
     _HELD[folder.resolve()] = lock
     return None
+
+
+def load_keras_model(path: str | os.PathLike, file_name: str, kind: type) -> typing.Any:
+    """The `kind` of Keras model saved in `path`, a run folder holding `file_name` or the file
+    itself; or one line (UserError) saying why it cannot be had."""
+    path = Path(path)
+    file = path / file_name if path.is_dir() else path
+    if not file.is_file():
+        where = f"{path} holds no {file_name}" if path.is_dir() else f"{path}: no such file or folder"
+        raise UserError(f"{where}; a run exports one at its end, and python export.py "
+                        f"--out-dir RUN exports one from a run's checkpoints")
+    try:
+        model = tf.keras.models.load_model(file)
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        raise UserError(f"{file} is not a Keras .keras archive of a model "
+                        f"({cli.first_line(error)})") from None
+    if not isinstance(model, kind):
+        raise UserError(f"{file} holds a {type(model).__name__}, not a {kind.__name__}")
+    return model

@@ -50,9 +50,10 @@ def describe(model: tf.keras.Model, compute_loss: Callable[..., tf.Tensor], batc
     y = tf.zeros(batch_size, tf.int32) if model.num_classes else None  # a conditional model's class 0
     mean, logvar = model.encode(x, y)
     z = model.reparameterize(mean, logvar)
-    logits = model.decode(z, y=y)
+    decoded = model.decode(z, y=y)  # logits; for the logistic, each pixel's mean and log-scale
     print(f"\nForward pass on a dummy batch of {batch_size}:")
-    for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), ("logits", logits)):
+    decoded_name = "logits" if model.likelihood == "bernoulli" else "decoded"
+    for name, tensor in (("x", x), ("mean", mean), ("logvar", logvar), ("z", z), (decoded_name, decoded)):
         print(f"  {name:7s}{tuple(tensor.shape)}")
     state = "trained" if source else "untrained"
     print(f"  loss   {float(compute_loss(model, x, y=y)):.2f} (negative ELBO of the blank batch, {state})")

@@ -77,7 +77,7 @@ class RunState:
             self.strategy, run_folder.checkpoint_epoch(checkpoint_path)), self.checkpoint_dir)
         if checkpoint_path is None:
             return None
-        self.checkpoint.restore(checkpoint_path).assert_existing_objects_matched()
+        run_folder.restore(self.checkpoint, checkpoint_path)
         done = int(self.checkpoint.epoch)
         print(f"Resuming {self.out_dir} after epoch {done}" if done < epochs
               else f"The run in {self.out_dir} has finished its {done} epochs")

@@ -139,25 +139,35 @@ def latest_intact_checkpoint(directory: Path) -> tuple[str | None, int]:
     return None, 0
 
 
-def new_model(config: dict) -> network.CVAE:
-    """An untrained CVAE of the run's settings."""
-    return network.CVAE(config["latent_dim"], config["precision"], config["filters"],
-                        config["image_shape"], config["likelihood"],
-                        len(class_names(config)) if config["conditional"] else 0)
+def new_model(config: dict, **options) -> network.CVAE:
+    """An untrained CVAE of the run's settings (and `options`: another logits_layer, say)."""
+    return network.CVAE(latent_dim=config["latent_dim"], precision=config["precision"],
+                        filters=config["filters"], image_shape=config["image_shape"],
+                        likelihood=config["likelihood"],
+                        num_classes=len(class_names(config)) if config["conditional"] else 0, **options)
 
 
-def load_trained_model(out_dir: Path) -> tuple[network.CVAE, dict, str, int]:
-    """The run's model at its latest intact checkpoint; with the run's config, that
-    checkpoint's path and its epoch."""
+def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restore `path` into `checkpoint`, or say in one line why its variables do not fit."""
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except AssertionError as error:
+        raise cli.UserError(f"{path} does not fit the model that config.json describes (a checkpoint "
+                            f"of a bf16 run made before its float32 biases?): {cli.first_line(error)[:120]}"
+                            ) from None
+
+
+def load_trained_model(out_dir: Path, **options) -> tuple[network.CVAE, dict, str, int]:
+    """The run's model (built with `options`, as new_model) at its latest intact checkpoint;
+    with the run's config, that checkpoint's path and its epoch."""
     if not out_dir.is_dir():
         raise cli.UserError(f"--out-dir {out_dir}: no such folder")
     config = load_config(out_dir)
     checkpoint_path, epoch = latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
-    model = new_model(config)
-    tf.train.Checkpoint(model=model).restore(checkpoint_path).expect_partial(
-    ).assert_existing_objects_matched()
+    model = new_model(config, **options)
+    restore(tf.train.Checkpoint(model=model), checkpoint_path)
     return model, config, checkpoint_path, epoch
 
 

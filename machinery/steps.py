@@ -26,7 +26,7 @@ class Part(NamedTuple):
     and its share of the whole batch."""
 
     x: tf.Tensor
-    eps: tf.Tensor
+    eps: tf.Tensor | None  # None: compute_loss draws its own
     y: tf.Tensor | None
     share: float | tf.Tensor
 
@@ -41,25 +41,27 @@ def num_images(x: tf.Tensor) -> int | tf.Tensor:
     return x.shape[0] if x.shape[0] is not None else tf.cast(tf.shape(x)[0], tf.float32)
 
 
-def parts(x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor | None = None, shards: int = 1) -> Iterator[Part]:
-    """This replica's part of the batch (x, its noise eps and its classes y), cut into `shards`
+def parts(x: tf.Tensor, eps: tf.Tensor | None, y: tf.Tensor | None = None, shards: int = 1
+          ) -> Iterator[Part]:
+    """This replica's part of the batch (x, its noise eps and its classes y, or None), cut into `shards`
     consecutive shards (no more than it has images), each with its share of the whole batch.
     On one device with one shard: the whole batch, of share 1. A replica with no image of a
     last batch smaller than the replicas takes one of the batch's, of share 0: its gradients
     are then zeros (some CPU kernels fail on an empty batch)."""
-    replica_x, replica_eps = distribute.replica_batch(x), distribute.replica_batch(eps)
-    replica_y = None if y is None else distribute.replica_batch(y)
+    def each(part: Callable[[tf.Tensor], tf.Tensor], *tensors: tf.Tensor | None) -> list:
+        return [None if tensor is None else part(tensor) for tensor in tensors]
+
+    replica_x, replica_eps, replica_y = each(distribute.replica_batch, x, eps, y)
     if replica_x.shape[0] == 0:
-        yield Part(x[:1], eps[:1], None if y is None else y[:1], 0.0)
+        yield Part(*each(lambda tensor: tensor[:1], x, eps, y), 0.0)
         return
     if replica_x is x and shards == 1:
         yield Part(x, eps, y, 1.0)
         return
     shards = max(1, min(shards, replica_x.shape[0] if replica_x.shape[0] is not None else shards))
     for i in range(shards):
-        shard_x = distribute.consecutive_part(replica_x, i, shards)
-        shard_y = None if y is None else distribute.consecutive_part(replica_y, i, shards)
-        shard_eps = distribute.consecutive_part(replica_eps, i, shards)
+        shard_x, shard_eps, shard_y = each(lambda tensor, i=i: distribute.consecutive_part(tensor, i, shards),
+                                           replica_x, replica_eps, replica_y)
         yield Part(shard_x, shard_eps, shard_y, num_images(shard_x) / num_images(x))
 
 

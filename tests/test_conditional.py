@@ -61,7 +61,7 @@ def test_a_conditional_run_writes_its_analogies_and_records_the_setting(conditio
     model = network.load_model(out)
     assert model.num_classes == 10
     reloaded = tf.saved_model.load(str(out / network.SAVEDMODEL_DIR))
-    drawn = reloaded.signatures["decode"](z=tf.zeros((3, 2)), y=tf.constant([1, 2, 3]))["probabilities"]
+    drawn = reloaded.signatures["decode"](z=tf.zeros((3, 2)), y=tf.constant([1, 2, 3]))["pixels"]
     np.testing.assert_allclose(drawn, model.decode(tf.zeros((3, 2)), True, y=tf.constant([1, 2, 3])),
                                atol=1e-6)
 

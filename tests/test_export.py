@@ -44,7 +44,7 @@ for run, out in zip(sys.argv[2::2], sys.argv[3::2]):
     model = keras.saving.load_model(run + "/cvae.keras")
     mean, logvar = model.encode(inputs["x"])
     np.savez(out, mean=mean, logvar=logvar,
-             probabilities=model.decode(inputs["z"], apply_sigmoid=True))
+             pixels=model.decode(inputs["z"], apply_sigmoid=True))
 """
 # Run with python -I in another folder: plain TensorFlow, the project out of reach.
 LOAD_SAVEDMODEL = """
@@ -59,7 +59,7 @@ for run, out in zip(sys.argv[2::2], sys.argv[3::2]):
     decoded = loaded.signatures["serving_default"](z=tf.constant(inputs["z"]))
     encoded = loaded.signatures["encode"](images=tf.constant(inputs["x"]))
     np.savez(out, mean=encoded["mean"], logvar=encoded["logvar"],
-             probabilities=decoded["probabilities"])
+             pixels=decoded["pixels"])
 """
 
 
@@ -94,7 +94,7 @@ def checkpoint_outputs(run: Path, inputs: Path, graph: bool) -> dict[str, np.nda
 
     def outputs(x: tf.Tensor, z: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, logvar = model.encode(x)
-        return {"mean": mean, "logvar": logvar, "probabilities": model.decode(z, apply_sigmoid=True)}
+        return {"mean": mean, "logvar": logvar, "pixels": model.decode(z, apply_sigmoid=True)}
 
     run_outputs = tf.function(outputs) if graph else outputs
     with np.load(inputs) as arrays:

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, epoch_losses
 
+import evaluate
 import network
 import train
 
@@ -61,23 +62,84 @@ def test_a_bf16_cvae_starts_from_the_fp32_weights_and_computes_alike():
     assert abs(losses["fp32"] - losses["bf16"]) < 0.01 * abs(losses["fp32"])
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_bias_options_stay_and_other_bf16_layers_with_a_bias_are_refused():
+    dense = tf.keras.layers.Dense(4, bias_initializer="ones", bias_regularizer="l2",
+                                  bias_constraint="non_neg", dtype="mixed_bfloat16")
+    model = tf.keras.Sequential(network.with_float32_bias_gradients([tf.keras.layers.InputLayer(shape=(3,)),
+                                                                     dense]))
+    bias_add = model.layers[1]
+    np.testing.assert_array_equal(bias_add.bias.numpy(), np.ones(4))
+    assert bias_add.bias.constraint is not None and len(model.losses) == 1  # the L2 term
+    restored = network.BiasAdd.from_config(bias_add.get_config())
+    assert restored.get_config() == bias_add.get_config()
+    with pytest.raises(ValueError, match="dtype='float32' or use_bias=False"):
+        network.with_float32_bias_gradients([tf.keras.layers.Conv1D(4, 3, dtype="mixed_bfloat16")])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_the_depthwise_logits_layer_is_keras_transposed_convolution(kernel_size):
+    keras, ours = (tf.keras.Sequential([tf.keras.layers.InputLayer(shape=(28, 28, 32)),
+                                        kind(1, kernel_size, padding="same")])
+                   for kind in (tf.keras.layers.Conv2DTranspose, speed.DepthwiseLogits))
+    rng = np.random.default_rng(7)
+    keras.set_weights([rng.normal(size=w.shape) for w in keras.get_weights()])
+    ours.set_weights(keras.get_weights())
+    x = tf.constant(rng.normal(size=(4, 28, 28, 32)), tf.float32)
+    results = []
+    for model in (ours, keras):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+            total = tf.reduce_sum(y * tf.range(28.0)[:, None, None])  # uneven weights
+        results.append([y, *tape.gradient(total, [x, *model.trainable_variables])])
+    # Sums in another order: rounding of about sqrt(n) ulps of the result's scale (the widest
+    # sums, the kernel's and bias' gradients, add 4 x 28 x 28 terms); an unflipped kernel is off by O(1).
+    atol_per_scale = np.sqrt(4 * 28 * 28) * np.finfo(np.float32).eps
+    for ours_, keras_ in zip(*results):
+        np.testing.assert_allclose(ours_, keras_, atol=atol_per_scale * np.abs(keras_).max())
+
+
+def test_evaluates_iwae_bound_is_the_same_with_the_depthwise_logits():
+    tf.keras.utils.set_random_seed(4)
+    keras = network.CVAE(2)
+    ours = network.CVAE(2, logits_layer=speed.DepthwiseLogits)
+    ours.set_weights(keras.get_weights())
+    assert type(ours.decoder.layers[-1]) is speed.DepthwiseLogits
+    x = tf.constant((np.random.default_rng(4).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
+    eps = evaluate.noise(4, 0, 1, (8, 20, 2))
+    np.testing.assert_allclose(evaluate.iwae_bound(ours, x, eps), evaluate.iwae_bound(keras, x, eps),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("sets, gpu, depthwise", [(["AVX2", "AVX-512"], False, True),
+                                                  (["AVX2"], False, False),
+                                                  (["AVX2", "AVX-512"], True, False)])
+def test_the_depthwise_logits_only_where_they_pay(monkeypatch, sets, gpu, depthwise):
+    """AVX-512 alone: with AVX2 alone (and, unmeasured, on a GPU) Keras' own kernel is faster."""
+    monkeypatch.setattr(speed.hardware, "instruction_sets", lambda: sets)
+    monkeypatch.setattr(speed.hardware, "has_gpu", lambda: gpu)
+    assert speed.logits_layer() is (speed.DepthwiseLogits if depthwise else tf.keras.layers.Conv2DTranspose)
+
+
+@pytest.mark.parametrize("optimizer_name, classes", [("sgd", 0), ("adam", 0), ("adam", 10)])
 @pytest.mark.parametrize("shards", [2, 3])
-def test_a_step_in_shards_is_the_whole_batch_step(shards, optimizer_name):
+def test_a_step_in_shards_is_the_whole_batch_step(shards, optimizer_name, classes):
     """The batch cut into shards (even or not) gives the same losses and weights, to
-    rounding; the last batch, of one image, has a single shard."""
+    rounding, a conditional model's classes staying with their images; the last batch, of
+    one image, has a single shard."""
     images = tf.constant((np.random.default_rng(5).random((65, 28, 28, 1)) < 0.2).astype(np.float32))
+    labels = np.random.default_rng(5).integers(0, 10, 65) if classes else None
     tf.keras.utils.set_random_seed(5)
-    initial = network.CVAE(2).get_weights()
+    initial = network.CVAE(2, num_classes=classes).get_weights()
     results = []
     for count in (1, shards):  # the whole batch, then in shards
-        model = network.CVAE(2)
+        model = network.CVAE(2, num_classes=classes)
         model.set_weights(initial)
         optimizer = (tf.keras.optimizers.SGD(1e-2) if optimizer_name == "sgd"
                      else tf.keras.optimizers.Adam(1e-3))
         train_steps = steps.compiled_train_steps(functools.partial(train.train_step, shards=count),
                                                  model, optimizer, tf.random.Generator.from_seed(5))
-        losses = epoch_losses(train_steps, images)
+        losses = epoch_losses(train_steps, images, labels=labels)
         results.append((losses, model.get_weights()))
     (whole_losses, whole_weights), (losses, weights) = results
     assert len(losses) == 3

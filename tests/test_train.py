@@ -179,3 +179,5 @@ def test_the_tutorials_train_step_call_takes_a_step():
     loss = train.train_step(model, x, optimizer)
     assert loss.shape == () and np.isfinite(float(loss))
     assert int(optimizer.iterations) == 1
+    loss = train.train_step(model, x, optimizer, shards=2)  # in two shards, each drawing its noise
+    assert loss.shape == () and np.isfinite(float(loss)) and int(optimizer.iterations) == 2
