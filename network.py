@@ -228,8 +228,7 @@ def elbo_terms(model: CVAE, x: tf.Tensor, eps: tf.Tensor | None = None, kl: str 
     """The tutorial's compute_loss up to its return: log p(x|z), log p(z) and log q(z|x) of
     each image, for one z ~ q(z|x) (noise eps). Training, the test ELBO and evaluate.py's
     every figure are made of these. (posterior: x's encoding, where x repeats an image.)"""
-    # y: the classes, for --conditional (None: the tutorial's)
-    mean, logvar = model.encode(x, y) if posterior is None else posterior
+    mean, logvar = model.encode(x, y) if posterior is None else posterior  # y: --conditional's classes
     z = model.reparameterize(mean, logvar, eps)
     if model.likelihood == "logistic":  # --likelihood logistic, for 8-bit pixels
         x_mean_and_log_scale = model.decode(z, y=y)
@@ -292,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.source:
         model = load_model(args.source)
     else:
-        model = CVAE(args.latent_dim, filters=args.filters, likelihood=args.likelihood or "bernoulli")
+        model = CVAE(latent_dim=args.latent_dim, filters=args.filters,
+                     likelihood=args.likelihood or "bernoulli")
     model_size.describe(model, compute_loss, args.batch_size, args.source)
 
 

@@ -126,7 +126,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
     prepare = functools.partial(dataset.preprocess, likelihood=model.likelihood)
-    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare, test_labels)
+    state = records.RunState(model, optimizer, test_images, seed, out_dir, strategy, prepare, test_labels,
+                             sample_size=pictures.NUM_EXAMPLES_TO_GENERATE)
     # Speed, around the tutorial's train_step (as nanoGPT's torch.compile): one compiled call
     # runs it on 50 batches, each on the replicas, its noise drawn from the run's seed.
     train_steps = steps.compiled_train_steps(functools.partial(train_step, kl=kl, beta=beta, shards=shards),
@@ -144,7 +145,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
         if chief:
             pictures.generate_and_save_images(model, 0, state.test_sample, state.sample_eps, out_dir,
                                               state.sample_labels)
-        epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)})
+        epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)}, pictures.grid_path(out_dir, 0))
         state.save(0)
         done = 0
 
@@ -173,7 +174,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
             if chief:
                 pictures.generate_and_save_images(model, epoch, state.test_sample, state.sample_eps,
                                                   out_dir, state.sample_labels)
-            epoch_records.write(epoch, progress.row(elbo, seconds), progress.loss_points)
+            epoch_records.write(epoch, progress.row(elbo, seconds), pictures.grid_path(out_dir, epoch),
+                                progress.loss_points)
             state.save(epoch)  # last: the checkpoint marks the epoch complete
             if stop.signal and epoch < epochs:
                 raise stop.stopped(f"after epoch {epoch}", epoch, out_dir)
@@ -206,7 +208,8 @@ def save_final_outputs(model: network.CVAE, config: dict, run: run_folder.Run) -
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with launch.training(args, cli.explicit_flags(parser, argv)) as (run, devices):
+    with launch.training(args, cli.explicit_flags(parser, argv),
+                         test_images_needed=pictures.NUM_EXAMPLES_TO_GENERATE) as (run, devices):
         config = run.config
         with devices.strategy.scope():  # the variables live on the strategy's devices
             model = run_folder.new_model(config)  # network.CVAE with the run's settings

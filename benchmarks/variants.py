@@ -90,11 +90,11 @@ class Variant:
         self.name, self.batch_size = name, batch_size
         tf.keras.utils.set_random_seed(train.SEED)  # every variant starts from the same weights
         precision, steps_per_call, _ = SETTINGS[name]
-        self.model = network.CVAE(train.LATENT_DIM, precision)
+        self.model = network.CVAE(latent_dim=train.LATENT_DIM, precision=precision)
         self.optimizer = tf.keras.optimizers.Adam(train.LEARNING_RATE)
         self.optimizer.build(self.model.trainable_variables)
         # As evaluate.py loads it: fp32, with the logits layer that pays here (speed.logits_layer).
-        self.plain_model = network.CVAE(train.LATENT_DIM, logits_layer=speed.logits_layer())
+        self.plain_model = network.CVAE(latent_dim=train.LATENT_DIM, logits_layer=speed.logits_layer())
         self.plain_model.set_weights(self.model.get_weights())
         self.iwae_images = dataset.binarize(test_images[:IWAE_IMAGES])
         self.iwae_noise = evaluate.noise(0, 0, 1, (len(self.iwae_images), iw_samples, train.LATENT_DIM))

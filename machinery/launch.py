@@ -24,9 +24,11 @@ class Devices:
 
 
 @contextlib.contextmanager
-def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_folder.Run, Devices]]:
-    """Set up the run that train.py's flags ask for (`given`: the flags typed) and yield it
-    with its devices; a full disk or a lost worker then ends it in one line (exit code 1)."""
+def training(args: argparse.Namespace, given: set[str], test_images_needed: int = 1
+             ) -> Iterator[tuple[run_folder.Run, Devices]]:
+    """Set up the run that train.py's flags ask for (`given`: the flags typed; at least
+    `test_images_needed`, the sample grid's) and yield it with its devices; a full disk or a
+    lost worker then ends it in one line (exit code 1)."""
     shards = speed.setup_shards(args.shards, args.strategy)  # before TensorFlow starts
     if args.strategy == "multiworker":
         cli.hide_native_logs()  # its cluster's logs, and a lost worker's pages of gRPC errors
@@ -36,7 +38,7 @@ def training(args: argparse.Namespace, given: set[str]) -> Iterator[tuple[run_fo
     try:
         if not chief:  # the chief checks and sets up the run folder first: it may be shared
             distribute.barrier(strategy)
-        run = run_folder.prepare_run(args, given, chief, checkpoint_folder)
+        run = run_folder.prepare_run(args, given, chief, checkpoint_folder, test_images_needed)
         if chief:
             distribute.barrier(strategy)
         out_dir = run.out_dir

@@ -16,8 +16,6 @@ import imageio.v3 as iio
 import numpy as np
 import tensorflow as tf
 
-import pictures
-
 KEEP_CHECKPOINTS = 3
 LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
 METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")  # metrics.csv
@@ -53,16 +51,16 @@ class RunState:
                  test_images: np.ndarray, seed: int, out_dir: Path,
                  strategy: tf.distribute.Strategy | None = None,
                  prepare: Callable[[np.ndarray], tf.Tensor] = tf.constant,
-                 test_labels: np.ndarray | None = None) -> None:
+                 test_labels: np.ndarray | None = None, *, sample_size: int) -> None:
         self.out_dir, self.strategy = out_dir, strategy or tf.distribute.get_strategy()
         self.rng = tf.random.Generator.from_seed(seed)
         picks = np.sort(np.random.default_rng(seed).choice(
-            len(test_images), pictures.NUM_EXAMPLES_TO_GENERATE, replace=False))
+            len(test_images), sample_size, replace=False))
         self.test_sample = tf.Variable(prepare(test_images[picks]), trainable=False)
         # Their classes, which a conditional model is given (the test set is the run's own).
         self.sample_labels = None if test_labels is None or not model.num_classes else test_labels[picks]
         self.sample_eps = tf.Variable(self.rng.normal(
-            (pictures.NUM_EXAMPLES_TO_GENERATE, model.latent_dim)), trainable=False)
+            (sample_size, model.latent_dim)), trainable=False)
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, rng=self.rng, epoch=tf.Variable(0, dtype=tf.int64),
             sample_images=self.test_sample, sample_eps=self.sample_eps)
@@ -101,8 +99,8 @@ class EpochRecords:
         self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
                             else tf.summary.create_noop_writer())
 
-    def write(self, epoch: int, row: dict, loss_points: list[tuple[int, float]] = ()) -> None:
-        """The epoch's row, its loss points and its grid (pictures.grid_path, drawn already).
+    def write(self, epoch: int, row: dict, grid: Path, loss_points: list[tuple[int, float]] = ()) -> None:
+        """The epoch's row, its loss points and its `grid` (a PNG, drawn already).
         The loss points wait until the epoch is complete, so that a stopped one logs none."""
         self.metrics.append(row)
         if not self.chief:
@@ -115,8 +113,7 @@ class EpochRecords:
             if row.get("seconds"):
                 tf.summary.scalar("epoch/seconds", row["seconds"])
                 tf.summary.scalar("epoch/images_per_second", row["images_per_second"])
-            grid = iio.imread(pictures.grid_path(self.out_dir, epoch))
-            tf.summary.image("samples", grid[np.newaxis])
+            tf.summary.image("samples", iio.imread(grid)[np.newaxis])
         self.tensorboard.flush()
         save_metrics(self.metrics, self.out_dir / "metrics.csv")
 

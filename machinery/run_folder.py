@@ -19,7 +19,6 @@ import tensorflow as tf
 
 import dataset
 import network
-import pictures
 
 OUT_DIR = "output"
 # Settings fixed for a run's life: --resume refuses a flag that contradicts them.
@@ -205,12 +204,13 @@ def hold(out_dir: Path) -> None:
 
 
 def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
-                checkpoint_folder: str = "checkpoints") -> Run:
+                checkpoint_folder: str = "checkpoints", test_images_needed: int = 1) -> Run:
     """Settle the run's settings, data and starting point from the flags (`given`: those
     typed) and the run folder. A new run takes the flags; --resume takes config.json and
     refuses a flag or data that contradicts it. Every check comes before the first write,
     and the `chief` holds the folder from then on. (Another worker keeps its checkpoints in
-    its own `checkpoint_folder`, or finds the chief's in a shared run folder.)"""
+    its own `checkpoint_folder`, or finds the chief's in a shared run folder; the test set must
+    hold `test_images_needed`.)"""
     if args.resume and args.overwrite:
         raise cli.UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
                             "choose one")
@@ -246,8 +246,8 @@ def prepare_run(args: argparse.Namespace, given: set[str], chief: bool = True,
     if config["conditional"] and len(data.class_names) < 2:
         raise cli.UserError(f"--conditional needs images of two classes or more; "
                             f"{source or 'the data'} has one")
-    if len(test_images) < pictures.NUM_EXAMPLES_TO_GENERATE:
-        raise cli.UserError(f"the sample grid needs {pictures.NUM_EXAMPLES_TO_GENERATE} test images, "
+    if len(test_images) < test_images_needed:
+        raise cli.UserError(f"the sample grid needs {test_images_needed} test images, "
                             f"got {len(test_images)}")
     config["image_shape"] = list(dataset.image_shape(train_images))  # the model's shapes follow
     config["likelihood"] = config["likelihood"] or dataset.default_likelihood(data)

@@ -80,9 +80,10 @@ def metrics(out: Path) -> list[dict]:
 
 def assert_matches_one_process(out: Path, one_process: Path) -> None:
     """The same run to float rounding: each worker's half of the batch, and each of one
-    process's two shards, is a part of the batch whose gradients are added; their rounding
-    differs. Each float tensor within 5e-4 of its largest value, all else equal: measured up to
-    1.8e-4, in Adam's moments, since issue 37 (3e-7 before; the cause is not yet known)."""
+    process's two shards, is a part of the batch whose gradients are added. Each float tensor
+    within 5e-4 of its largest value, all else equal: measured up to 1.8e-4, in Adam's moments,
+    with Keras' kernel for the logits layer, which rounds otherwise in a worker (two threads an
+    op) than in a shard (one); with speed.DepthwiseLogits in training, within 1e-5 as before."""
     rows, expected = metrics(out), metrics(one_process)
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected]
     # The figures as metrics.csv rounds them (4 decimals): the same to float32 rounding
