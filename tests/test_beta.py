@@ -18,14 +18,19 @@ import train
 def test_beta_weighs_the_kl_term_and_one_is_the_elbo_to_the_bit(kl):
     tf.keras.utils.set_random_seed(3)
     model = network.CVAE(2)
+    codes = model.encoder.layers[-1]
+    codes.kernel.assign(codes.kernel * 30)  # posteriors away from the prior: a KL of many nats
     x = dataset.binarize(make_mnist_arrays(num_train=8, num_test=0, seed=3)["x_train"])
     eps = tf.random.stateless_normal((8, 2), seed=(3, 4))
     elbo_loss = network.compute_loss(model, x, eps, kl)
     assert network.compute_loss(model, x, eps, kl, beta=1.).numpy() == elbo_loss.numpy()
-    reconstruction = network.compute_loss(model, x, eps, kl, beta=0.)  # minus log p(x|z) alone
-    kl_term = elbo_loss - reconstruction
-    np.testing.assert_allclose(network.compute_loss(model, x, eps, kl, beta=4.),
-                               reconstruction + 4 * kl_term, rtol=1e-5)
+    # The parts by themselves: beta must weigh log q(z|x) - log p(z), not log p(x|z).
+    parts = network.elbo_terms(model, x, eps, kl)
+    logpx_z, logpz, logqz_x = (part.numpy().astype(np.float64) for part in parts)
+    assert np.mean(logqz_x - logpz) > 1  # nats: far more than rtol 1e-5 of a loss of ~550
+    for beta in (0., 4.):
+        np.testing.assert_allclose(network.compute_loss(model, x, eps, kl, beta=beta),
+                                   -np.mean(logpx_z - beta * (logqz_x - logpz)), rtol=1e-5)
 
 
 def test_a_larger_beta_lowers_the_kl_and_the_reported_elbo_is_the_elbo(tmp_path):
