@@ -79,10 +79,13 @@ def log_weights(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor 
     z_k (noise eps: batch, k, latent): (batch, k). The K draws of an image are a batch of K
     copies of it, which share its one encoding."""
     batch, k = tf.shape(eps)[0], tf.shape(eps)[1]
+
+    def copies(tensor: tf.Tensor | None) -> tf.Tensor | None:  # image i, k times, then image i + 1
+        return None if tensor is None else tf.repeat(tensor, k, axis=0)
+
     mean, logvar = model.encode(x, y)
-    copies = [None if part is None else tf.repeat(part, k, axis=0) for part in (x, y, mean, logvar)]
-    logpx_z, logpz, logqz_x = network.elbo_terms(model, copies[0], tf.reshape(eps, [batch * k, -1]),
-                                                 "mc", copies[1], posterior=copies[2:])
+    logpx_z, logpz, logqz_x = network.elbo_terms(model, copies(x), tf.reshape(eps, [batch * k, -1]), "mc",
+                                                 copies(y), posterior=(copies(mean), copies(logvar)))
     return tf.reshape(logpx_z + logpz - logqz_x, [batch, k])
 
 

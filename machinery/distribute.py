@@ -84,6 +84,8 @@ def replica_batch(tensor: tf.Tensor) -> tf.Tensor:
 
 def consecutive_part(tensor: tf.Tensor, index: int | tf.Tensor, count: int) -> tf.Tensor:
     """The `index`-th of `count` consecutive, near-equal parts of `tensor`'s first axis."""
+    if count == 1:
+        return tensor
     size = tensor.shape[0] if tensor.shape[0] is not None else tf.shape(tensor)[0]
     return tensor[size * index // count:size * (index + 1) // count]
 

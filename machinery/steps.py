@@ -32,8 +32,7 @@ class Part(NamedTuple):
 
     def weigh(self, loss: tf.Tensor) -> tf.Tensor:
         """The part's mean `loss` times its share (0 for an empty part, whose mean is NaN)."""
-        return loss if isinstance(self.share, float) and self.share == 1.0 else tf.math.multiply_no_nan(
-            loss, tf.cast(self.share, loss.dtype))
+        return tf.math.multiply_no_nan(loss, tf.cast(self.share, loss.dtype))
 
 
 def num_images(x: tf.Tensor) -> int | tf.Tensor:
@@ -54,9 +53,6 @@ def parts(x: tf.Tensor, eps: tf.Tensor | None, y: tf.Tensor | None = None, shard
     replica_x, replica_eps, replica_y = each(distribute.replica_batch, x, eps, y)
     if replica_x.shape[0] == 0:
         yield Part(*each(lambda tensor: tensor[:1], x, eps, y), 0.0)
-        return
-    if replica_x is x and shards == 1:
-        yield Part(x, eps, y, 1.0)
         return
     shards = max(1, min(shards, replica_x.shape[0] if replica_x.shape[0] is not None else shards))
     for i in range(shards):
