@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from machinery import cli, data_files, files, image_folder
 from machinery.cli import UserError
+from machinery.settings import RunSettings
 
 import numpy as np
 import tensorflow as tf
@@ -53,7 +53,7 @@ def add_data_flags(parser: argparse.ArgumentParser, datasets: Sequence[str] = tu
                         help=f"Keras .npz, folder of MNIST IDX files"
                              f"{', or folder of images (a subfolder per class)' if folders else ''} "
                              f"(default: ${DATA_ENV_VAR}, else the Keras download)")
-    parser.add_argument("--dataset", choices=datasets, default="mnist",
+    parser.add_argument("--dataset", choices=datasets, default=RunSettings.dataset,
                         help="which Keras download to use when no --data is given"
                              + (", and whose class names label the pictures" if pictures else ""))
     if folders:
@@ -73,10 +73,17 @@ class Data:
     class_names: tuple[str, ...]  # what the labels 0, 1, .. mean
     fingerprint: str  # SHA-256 of the images and labels (of a folder: its files and settings)
     folder_report: dict | None = None  # for a folder of images: what was found and done
+    source: str | None = None  # the file or folder read; None for the Keras download
 
     @property
     def splits(self) -> tuple[Split, Split]:
         return self.train, self.test
+
+    @property
+    def default_likelihood(self) -> str:
+        """The 8-bit logistic for a folder of images or colour ones, else the tutorial's Bernoulli."""
+        colour = data_files.image_shape(self.train[0])[2] == 3
+        return "logistic" if self.folder_report or colour else "bernoulli"
 
 
 def load_data(
@@ -109,7 +116,7 @@ def load_data(
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if labels.ndim == 2 and labels.shape[1:] == (1,):  # CIFAR-10's labels are (N, 1)
             labels = labels[:, 0]
-        _check_split(images, labels, f"{source}: {split} split", len(class_names))
+        data_files.check_split(images, labels, f"{source}: {split} split", len(class_names))
         if size is not None:
             if size > len(images):
                 raise UserError(
@@ -117,26 +124,31 @@ def load_data(
                 )
             images, labels = images[:size], labels[:size]
         splits.append((images, labels.astype(np.uint8)))
-    train_shape, test_shape = (image_shape(images) for images, _ in splits)
+    train_shape, test_shape = (data_files.image_shape(images) for images, _ in splits)
     if train_shape != test_shape:
         raise UserError(f"{source}: train images are {train_shape}, test images {test_shape}: "
                         f"both splits need one shape")
-    digest = arrays.get("fingerprint") or fingerprint(*splits[0], *splits[1])
-    return Data(splits[0], splits[1], class_names, digest, arrays.get("report"))
+    digest = arrays.get("fingerprint") or data_files.fingerprint(*splits[0], *splits[1])
+    return Data(splits[0], splits[1], class_names, digest, arrays.get("report"), path)
+
+
+def load_run_data(settings: RunSettings, source: str | None, check: bool) -> Data:
+    """The data a run's settings ask for, from `source` (as load_data's `path`); with `check`,
+    refused unless it is the data the run was trained on (its fingerprint)."""
+    try:
+        data = load_data(source, settings.train_size, settings.test_size, settings.dataset,
+                         image_folder.settings(settings), settings.data_sha256 if check else None)
+    except image_folder.Changed:
+        data = None
+    if check and (data is None or data.fingerprint != settings.data_sha256):
+        raise UserError(f"the data from {source or 'the Keras download'} is not the data the run was "
+                        f"trained on (a file added, removed or changed?); pass that with --data")
+    return data
 
 
 def data_source(path: str | None = None) -> str | None:
     """Where load_data(path) reads from: `path`, else $CVAE_DATA, else None (download)."""
     return path or os.environ.get(DATA_ENV_VAR) or None
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """A SHA-256 of the arrays' shapes and bytes: the same data, wherever it was read from."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(str(array.shape).encode())
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of the bytes
-    return digest.hexdigest()
 
 
 def _download(name: str) -> dict[str, np.ndarray]:
@@ -149,37 +161,8 @@ def _download(name: str) -> dict[str, np.ndarray]:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-def _check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> None:
-    if images.ndim not in (3, 4):
-        raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
-                        f"(N, H, W, C)")
-    if problem := image_folder.image_shape_problem(image_shape(images)):
-        raise UserError(f"{where}: {problem}")
-    if images.dtype != np.uint8:
-        raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")
-    if len(images) == 0:
-        raise UserError(f"{where}: no images")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise UserError(f"{where}: {labels.shape} labels for {len(images)} images")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..{num_classes - 1}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected "
-                        f"0..{num_classes - 1}")
-
-
 # ----------------------------------------------------------------------------
 # Preprocessing and batching
-
-
-def image_shape(images: np.ndarray) -> tuple[int, int, int]:
-    """(height, width, channels) of uint8 images (N, H, W) or (N, H, W, C)."""
-    return (*images.shape[1:3], images.shape[3] if images.ndim == 4 else 1)
-
-
-def with_channels(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) -> (N, H, W, 1); (N, H, W, C) as it is (a view: no copy)."""
-    return images.reshape(len(images), *image_shape(images))
 
 
 def binarize(images: np.ndarray | tf.Tensor) -> tf.Tensor:
@@ -253,12 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, (images, labels) in splits.items():
         print(f"  {name:5s} images {str(images.shape):19s} {images.dtype}   "
               f"labels {labels.shape} {labels.dtype} {labels.min()}..{labels.max()}")
-    likelihood = args.likelihood or default_likelihood(data)
+    likelihood = args.likelihood or data.default_likelihood
     print("\nAfter binarization (pixel / 255 > 0.5), for the Bernoulli likelihood"
           if likelihood == "bernoulli" else
           "\nAs 8-bit levels (pixel / 255), for the discretized logistic likelihood", end="")
     print(f" (up to {INSPECTED:,} images of each split):")
-    prepared = {name: preprocess(with_channels(images[:INSPECTED]), likelihood).numpy()
+    prepared = {name: preprocess(data_files.with_channels(images[:INSPECTED]), likelihood).numpy()
                 for name, (images, _) in splits.items()}
     for name, images in prepared.items():
         levels = np.unique(images)
@@ -287,11 +270,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     pictures.save_preview(prepared["train"][:32], splits["train"][1][:32] if titled else [], preview,
                  f"{how} training images" + (" (class above each)" if titled else ""), names)
     print(f"\nPreview of 32 {how.lower()} training images written to {preview}")
-
-
-def default_likelihood(data: Data) -> str:
-    """The 8-bit logistic for a folder of images or colour ones, else the tutorial's Bernoulli."""
-    return "logistic" if data.folder_report or image_shape(data.train[0])[2] == 3 else "bernoulli"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 import dataset
+import export
 import network
 import pictures
 
@@ -177,12 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir)
     # speed.logits_layer: a faster kernel for the same logits, where it pays (machinery/speed.py)
-    model, config, checkpoint_path, epoch = run_folder.load_trained_model(
+    model, settings, checkpoint_path, epoch = export.load_trained_model(
         out_dir, logits_layer=speed.logits_layer())
     files.ensure_out_dir(out_dir)  # writable: say so now, not after the figures
 
-    source = args.data or config["data"]
-    data = run_folder.load_run_data(config, source, out_dir, check=True)
+    data = dataset.load_run_data(settings, args.data or settings.data, check=True)
     test_images, test_labels = data.test
     if args.test_size is not None:
         if args.test_size > len(test_images):
@@ -193,30 +193,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(test_images) < 2 or (len(names) > 1 and len(np.unique(test_labels)) < 2):
         raise cli.UserError(f"the interpolation needs test {noun} of two classes; use a larger "
                             f"--test-size")
-    test_images = dataset.preprocess(test_images, config["likelihood"]).numpy()
+    test_images = dataset.preprocess(test_images, settings.likelihood).numpy()
 
     print(distribute.describe(tf.distribute.get_strategy()))
     print(f"Evaluating {checkpoint_path} (epoch {epoch}) on {len(test_images):,} test images, "
           f"K = {args.iw_samples}")
 
-    work = {"checkpoint": checkpoint_path, "data_sha256": config["data_sha256"],
+    work = {"checkpoint": checkpoint_path, "data_sha256": settings.data_sha256,
             "test_images": len(test_images), "classes": model.num_classes}  # what kept work must match
     prior = np.bincount(data.train[1], minlength=len(names)) / len(data.train[1])  # p(y), for a conditional
-    figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=config["kl"],
+    figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=settings.kl,
                            seed=args.seed, kept=out_dir / KEPT_FILE, work=work, labels=test_labels,
                            class_prior=prior)
-    report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": source,
-              "dataset": config["dataset"], "test_images": len(test_images),
-              "image_shape": config["image_shape"], "likelihood": config["likelihood"],
-              "kl_estimator": config["kl"], "beta": config["beta"], "seed": args.seed, **figures}
+    report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": data.source,
+              "dataset": settings.dataset, "test_images": len(test_images),
+              "image_shape": settings.image_shape, "likelihood": settings.likelihood,
+              "kl_estimator": settings.kl, "beta": settings.beta, "seed": args.seed, **figures}
     with files.atomic_path(out_dir / "evaluation.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     def line(name: str, figure: dict) -> str:
         return f"  {name:38s} {figure['mean']:9.2f} +- {figure['stderr']:.2f}"
 
-    if config["beta"] != 1:
-        print(f"(trained with --beta {config['beta']:g}; these are the ELBO and its parts, B = 1)")
+    if settings.beta != 1:
+        print(f"(trained with --beta {settings.beta:g}; these are the ELBO and its parts, B = 1)")
     print(line("ELBO", figures["elbo"]))
     print(line("  reconstruction log-likelihood", figures["reconstruction_log_likelihood"]))
     print(line("  KL(q(z|x) || p(z))", figures["kl"]))
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(line("log p(x|y), of the true class", figures["conditional_log_likelihood"]))
         print(f"  {'accuracy, argmax_y p(y) p(x|y)':38s} {figures['accuracy']:9.4f}")
     print("(nats per image; +- one standard error over the test images)")
-    what = "binarized pixel" if config["likelihood"] == "bernoulli" else "8-bit pixel channel"
+    what = "binarized pixel" if settings.likelihood == "bernoulli" else "8-bit pixel channel"
     print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 
     pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png", noun,
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         pictures.save_interpolation(model, test_images, test_labels, out_dir / "interpolation.png", names)
         written.append("interpolation.png")
-    if config["latent_dim"] == 2 and not model.num_classes:
+    if settings.latent_dim == 2 and not model.num_classes:
         pictures.save_latent_manifold(model, out_dir / "latent_manifold.png")
         written.append("latent_manifold.png")
     print(f"Wrote {', '.join(written)} in {out_dir}/, and the latent means of {shown:,} test images "

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from machinery import cli, distribute, faults, launch, records, run_folder, speed, steps
+from machinery.settings import RunSettings
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +28,8 @@ import export
 import network
 import pictures
 
-# The tutorial's recipe: these are the flags' defaults.
+# The tutorial's recipe: these are the flags' defaults. (A run's settings, these and the
+# others, are one RunSettings, that config.json stores: machinery/settings.py.)
 EPOCHS = 10
 LATENT_DIM = network.LATENT_DIM
 BATCH_SIZE = 32
@@ -48,16 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=cli.positive_float, default=LEARNING_RATE,
                         help="Adam's learning rate")
     network.add_model_flags(parser)
-    parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default="mc",
+    parser.add_argument("--kl", choices=network.KL_ESTIMATORS, default=RunSettings.kl,
                         help="the ELBO's KL term: the tutorial's single-sample estimate (mc) or "
                              "its closed form (analytic)")
     parser.add_argument("--conditional", action="store_true",
                         help="condition the encoder and the decoder on the images' classes: "
                              "q(z|x, y) and p(x|z, y), a conditional VAE")
-    parser.add_argument("--beta", type=cli.non_negative_float, default=1.0,
+    parser.add_argument("--beta", type=cli.non_negative_float, default=RunSettings.beta,
                         help="weight of the KL term in the training loss (a beta-VAE); the test "
                              "ELBO and evaluate.py's figures are the ELBO itself, B = 1")
-    parser.add_argument("--precision", choices=tuple(network.PRECISIONS), default="fp32",
+    parser.add_argument("--precision", choices=tuple(network.PRECISIONS), default=RunSettings.precision,
                         help="bf16: Keras mixed_bfloat16 for the hidden layers (faster where the "
                              "hardware has bfloat16 maths), with the loss and sampling in float32")
     parser.add_argument("--seed", type=cli.seed_int, default=SEED,
@@ -112,16 +114,16 @@ def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) 
 # The tutorial's training loop (cell 22)
 
 
-def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
-        train_images: np.ndarray, test_images: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, out_dir: Path, resume_from: str | None = None, kl: str = "mc", beta: float = 1.,
-        strategy: tf.distribute.Strategy | None = None, shards: int = 1,
+def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings: RunSettings,
+        train_images: np.ndarray, test_images: np.ndarray, *, out_dir: Path,
+        resume_from: str | None = None, strategy: tf.distribute.Strategy | None = None, shards: int = 1,
         train_labels: np.ndarray | None = None, test_labels: np.ndarray | None = None,
         train_step: steps.TrainStep = train_step) -> list[dict]:
-    """Train to `epochs` from `resume_from` (a checkpoint, if any), with the test ELBO, the
-    4x4 grid, the metrics and a checkpoint before training and after every epoch; return
+    """Train to settings.epochs from `resume_from` (a checkpoint, if any), with the test ELBO,
+    the 4x4 grid, the metrics and a checkpoint before training and after every epoch; return
     the metrics. The images are uint8, prepared a batch at a time (dataset.preprocess); the
     labels are the classes a conditional model is given."""
+    epochs, batch_size, seed, kl = settings.epochs, settings.batch_size, settings.seed, settings.kl  # shorter
     test_labels = np.zeros(len(test_images), np.uint8) if test_labels is None else test_labels
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
@@ -130,8 +132,9 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
                              sample_size=pictures.NUM_EXAMPLES_TO_GENERATE)
     # Speed, around the tutorial's train_step (as nanoGPT's torch.compile): one compiled call
     # runs it on 50 batches, each on the replicas, its noise drawn from the run's seed.
-    train_steps = steps.compiled_train_steps(functools.partial(train_step, kl=kl, beta=beta, shards=shards),
-                                             model, optimizer, state.rng, strategy=strategy, prepare=prepare)
+    train_steps = steps.compiled_train_steps(
+        functools.partial(train_step, kl=kl, beta=settings.beta, shards=shards),
+        model, optimizer, state.rng, strategy=strategy, prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
     test_dataset = dataset.make_batches((test_images, test_labels),
@@ -182,44 +185,43 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer,
     return epoch_records.metrics
 
 
-def save_final_outputs(model: network.CVAE, config: dict, run: run_folder.Run) -> None:
+def save_final_outputs(model: network.CVAE, run: run_folder.Run) -> None:
     """The chief's last outputs: the GIF of the grids, the manifold (or a conditional model's
     analogies), the exported model."""
-    out_dir = run.out_dir
-    frames = [pictures.grid_path(out_dir, epoch) for epoch in range(config["epochs"] + 1)]
+    out_dir, settings = run.out_dir, run.settings
+    frames = [pictures.grid_path(out_dir, epoch) for epoch in range(settings.epochs + 1)]
     pictures.save_gif(frames, out_dir / "cvae.gif")
     print(f"Wrote {out_dir / 'cvae.gif'} ({len(frames)} frames)")
     if model.num_classes:
         images = dataset.preprocess(run.test_images[:pictures.ANALOGY_ROWS], model.likelihood).numpy()
         pictures.save_analogies(model, images, run.test_labels, out_dir / "analogies.png",
-                                run_folder.class_names(config))
+                                settings.class_names)
         print(f"Wrote {out_dir / 'analogies.png'}")
-    elif config["latent_dim"] == 2:  # (a conditional model's manifold would need a class)
+    elif settings.latent_dim == 2:  # (a conditional model's manifold would need a class)
         pictures.save_latent_manifold(model, out_dir / "latent_manifold.png")
         print(f"Wrote {out_dir / 'latent_manifold.png'}")
     else:
-        print(f"No latent manifold: it needs --latent-dim 2, not {config['latent_dim']}")
+        print(f"No latent manifold: it needs --latent-dim 2, not {settings.latent_dim}")
     export.export_model(model, out_dir)  # the trained model, to use without this script
-    print(f"Wrote {out_dir / network.KERAS_FILE} and {out_dir / network.SAVEDMODEL_DIR}/ "
+    print(f"Wrote {out_dir / run_folder.KERAS_FILE} and {out_dir / run_folder.SAVEDMODEL_DIR}/ "
           f"(python generate.py --out-dir {out_dir} draws "
-          f"{pictures.noun(run_folder.class_names(config))} from them)")
+          f"{pictures.noun(settings.class_names)} from them)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with launch.training(args, cli.explicit_flags(parser, argv),
+    given = cli.explicit_flags(parser, argv)  # the flags typed: --resume checks them
+    with launch.training(args, given, dataset.load_run_data, export.SETTING_CHOICES,
                          test_images_needed=pictures.NUM_EXAMPLES_TO_GENERATE) as (run, devices):
-        config = run.config
         with devices.strategy.scope():  # the variables live on the strategy's devices
-            model = run_folder.new_model(config)  # network.CVAE with the run's settings
-            optimizer = tf.keras.optimizers.Adam(config["learning_rate"])
-        fit(model, optimizer, run.train_images, run.test_images, epochs=config["epochs"],
-            batch_size=config["batch_size"], seed=config["seed"], out_dir=run.out_dir,
-            resume_from=run.resume_from, kl=config["kl"], beta=config["beta"], strategy=devices.strategy,
-            shards=devices.shards, train_labels=run.train_labels, test_labels=run.test_labels)
+            model = export.new_model(run.settings)  # network.CVAE with the run's settings
+            optimizer = tf.keras.optimizers.Adam(run.settings.learning_rate)
+        fit(model, optimizer, run.settings, run.train_images, run.test_images, out_dir=run.out_dir,
+            resume_from=run.resume_from, strategy=devices.strategy, shards=devices.shards,
+            train_labels=run.train_labels, test_labels=run.test_labels)
         if devices.chief:
-            save_final_outputs(model, config, run)
+            save_final_outputs(model, run)
 
 
 if __name__ == "__main__":

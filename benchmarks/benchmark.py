@@ -40,7 +40,7 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, files, hardware, speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, data_files, files, hardware, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -110,8 +110,8 @@ def serve(name: str, data: str | None, dataset_name: str, train_size: int | None
     that took, then time what the parent asks until it says "stop"."""
     shards = speed.setup_shards(SETTINGS[name][2])  # before TensorFlow starts
     (train_images, _), (test_images, _) = dataset.load_data(data, train_size, name=dataset_name).splits
-    variant = Variant(name, dataset.with_channels(train_images), dataset.with_channels(test_images), shards,
-                      batch_size, iw_samples)
+    variant = Variant(name, data_files.with_channels(train_images), data_files.with_channels(test_images),
+                      shards, batch_size, iw_samples)
     variant.steps(1)
     connection.send({"to_first_step_seconds": time.perf_counter() - LAUNCHED,
                      "import_seconds": IMPORTED - LAUNCHED, "shards": shards,

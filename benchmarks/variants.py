@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules
 
-from machinery import cli, model_size, speed, steps  # noqa: E402  (TensorFlow, quietly)
+from machinery import cli, data_files, model_size, speed, steps  # noqa: E402  (TensorFlow, quietly)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -36,7 +36,7 @@ IWAE_IMAGES, IWAE_SAMPLES = evaluate.IWAE_IMAGES, 1000
 def check_training_images(images: np.ndarray, source: str, train_size: int | None, batch_size: int) -> None:
     """Refuse, in one line, images the variants cannot time: not the tutorial's shape, or
     fewer than a batch."""
-    if (shape := dataset.image_shape(images)) != network.IMAGE_SHAPE:
+    if (shape := data_files.image_shape(images)) != network.IMAGE_SHAPE:
         raise cli.UserError(f"{source}: images of {shape}; the benchmark times the tutorial's "
                             f"network, on images of {network.IMAGE_SHAPE}")
     if len(images) < batch_size:

@@ -5,6 +5,7 @@ Its modules:
 
   cli             flags with their defaults in --help; one-line errors (exit code 2 for bad input)
   files           folders checked and held by one run, files written whole, a .keras model read back
+  settings        a run's settings, one dataclass: its flags, config.json, --resume's checks
   run_folder      config.json, --resume and --overwrite, one run per folder
   records         checkpoints, metrics.csv, TensorBoard and the progress bar of a run
   faults          Ctrl-C and SIGTERM between steps; a full disk, a GPU out of memory, a lost worker

@@ -1,15 +1,16 @@
 """The files the data may come in: a Keras-format .npz, or a folder of the four MNIST IDX
 files (plain or gzipped), read and checked for their format, with one clear line for
-anything wrong."""
+anything wrong; then their arrays checked, and fingerprinted."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zipfile
 import zlib
 from pathlib import Path
 
-from machinery import cli
+from machinery import cli, image_folder
 from machinery.cli import UserError
 
 import numpy as np
@@ -78,3 +79,42 @@ def read_idx(file: Path, ndim: int) -> np.ndarray:
         raise UserError(f"{file}: {problem}: {len(data)} bytes, but its header {shape} "
                         f"needs {expected}")
     return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
+
+
+def image_shape(images: np.ndarray) -> tuple[int, int, int]:
+    """(height, width, channels) of uint8 images (N, H, W) or (N, H, W, C)."""
+    return (*images.shape[1:3], images.shape[3] if images.ndim == 4 else 1)
+
+
+def with_channels(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H, W, 1); (N, H, W, C) as it is (a view: no copy)."""
+    return images.reshape(len(images), *image_shape(images))
+
+
+def check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> None:
+    """One clear line for images or labels that the model cannot take."""
+    if images.ndim not in (3, 4):
+        raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
+                        f"(N, H, W, C)")
+    if problem := image_folder.image_shape_problem(image_shape(images)):
+        raise UserError(f"{where}: {problem}")
+    if images.dtype != np.uint8:
+        raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")
+    if len(images) == 0:
+        raise UserError(f"{where}: no images")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{where}: {labels.shape} labels for {len(images)} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{where}: labels are {labels.dtype}, expected integers 0..{num_classes - 1}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()}, expected "
+                        f"0..{num_classes - 1}")
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A SHA-256 of the arrays' shapes and bytes: the same data, wherever it was read from."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of the bytes
+    return digest.hexdigest()

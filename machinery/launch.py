@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 from machinery import cli, distribute, faults, hardware, run_folder, speed
@@ -24,11 +24,12 @@ class Devices:
 
 
 @contextlib.contextmanager
-def training(args: argparse.Namespace, given: set[str], test_images_needed: int = 1
+def training(args: argparse.Namespace, given: set[str], read_data: run_folder.DataReader,
+             choices: Mapping[str, Collection[str]], test_images_needed: int = 1
              ) -> Iterator[tuple[run_folder.Run, Devices]]:
-    """Set up the run that train.py's flags ask for (`given`: the flags typed; at least
-    `test_images_needed`, the sample grid's) and yield it with its devices; a full disk or a
-    lost worker then ends it in one line (exit code 1)."""
+    """Set up the run that train.py's flags ask for (`given`: the flags typed; its data read
+    by `read_data`; at least `test_images_needed`, the sample grid's; as run_folder.prepare_run)
+    and yield it with its devices; a full disk or a lost worker then ends it in one line."""
     shards = speed.setup_shards(args.shards, args.strategy)  # before TensorFlow starts
     if args.strategy == "multiworker":
         cli.hide_native_logs()  # its cluster's logs, and a lost worker's pages of gRPC errors
@@ -38,24 +39,25 @@ def training(args: argparse.Namespace, given: set[str], test_images_needed: int 
     try:
         if not chief:  # the chief checks and sets up the run folder first: it may be shared
             distribute.barrier(strategy)
-        run = run_folder.prepare_run(args, given, chief, checkpoint_folder, test_images_needed)
+        run = run_folder.prepare_run(args, given, read_data, choices, chief, checkpoint_folder,
+                                     test_images_needed)
         if chief:
             distribute.barrier(strategy)
         out_dir = run.out_dir
         print(distribute.describe(strategy, shards))
-        if run.config["precision"] == "bf16" and (warning := hardware.bf16_warning()):
+        if run.settings.precision == "bf16" and (warning := hardware.bf16_warning()):
             print(warning)
         for line in run.data_report:
             print(f"Data: {line}")
-        if run.config["beta"] != 1:
-            print(f"The training loss weighs the KL term by --beta {run.config['beta']:g}; the test "
+        if run.settings.beta != 1:
+            print(f"The training loss weighs the KL term by --beta {run.settings.beta:g}; the test "
                   f"ELBO is the ELBO itself (B = 1)")
         print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
               f"writing to {out_dir}/")
         # The same seed must give the same run: the weights start from it, and deterministic
         # kernels keep a resumed run bit-identical (on a GPU: deterministic convolutions).
         tf.config.experimental.enable_op_determinism()
-        tf.keras.utils.set_random_seed(run.config["seed"])
+        tf.keras.utils.set_random_seed(run.settings.seed)
         yield run, Devices(strategy, shards, chief)
     except Exception as error:
         if not faults.ends_run(error):

@@ -11,13 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli, data_files, image_decoding, steps
+from machinery import cli, data_files, image_decoding, run_folder, steps
+from machinery.settings import RunSettings
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import network
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX_NAMES = data_files.IDX_FILES  # Keras array name -> IDX file name
@@ -35,6 +37,11 @@ def make_mnist_arrays(num_train: int = 96, num_test: int = 32, seed: int = 0) ->
             image[3 + 2 * label : 7 + 2 * label, 5:23] = 255
         arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
     return arrays
+
+
+def train_settings(*flags: str) -> RunSettings:
+    """The RunSettings that train.py's `flags` give: by default, the tutorial's recipe."""
+    return RunSettings.from_flags(train.build_parser().parse_args(flags))
 
 
 def epoch_losses(train_steps, images, batch_size: int = 32, **options) -> np.ndarray:
@@ -93,7 +100,7 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
 def exported_weights(out: Path) -> dict[str, np.ndarray]:
     """The weights a run exported: those in its cvae.keras and those in its SavedModel."""
     weights = {f"keras {i}": w for i, w in enumerate(network.load_model(out).get_weights())}
-    reader = tf.train.load_checkpoint(str(out / network.SAVEDMODEL_DIR / "variables" / "variables"))
+    reader = tf.train.load_checkpoint(str(out / run_folder.SAVEDMODEL_DIR / "variables" / "variables"))
     # "variables/N" is the model's N-th variable; the archive's "_all_variables" copies them
     # in an order of no meaning.
     return {**weights, **{name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()

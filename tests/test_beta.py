@@ -3,10 +3,12 @@ script run with --beta is test_conditional's.)"""
 
 from __future__ import annotations
 
+from machinery import data_files
+
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_mnist_arrays
+from conftest import make_mnist_arrays, train_settings
 
 import dataset
 import evaluate
@@ -35,13 +37,14 @@ def test_beta_weighs_the_kl_term_and_one_is_the_elbo_to_the_bit(kl):
 
 def test_a_larger_beta_lowers_the_kl_and_the_reported_elbo_is_the_elbo(tmp_path):
     arrays = make_mnist_arrays(num_train=640, num_test=64, seed=2)
-    train_images, test_images = (dataset.with_channels(arrays[key]) for key in ("x_train", "x_test"))
+    train_images, test_images = (data_files.with_channels(arrays[key]) for key in ("x_train", "x_test"))
     figures = {}
     for beta in (1., 4.):
         tf.keras.utils.set_random_seed(2)
         model = network.CVAE(2)
-        metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), train_images, test_images, epochs=3,
-                            batch_size=32, seed=2, out_dir=tmp_path / str(beta), beta=beta)
+        settings = train_settings("--epochs", "3", "--seed", "2", "--beta", str(beta))
+        metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), settings, train_images, test_images,
+                            out_dir=tmp_path / str(beta))
         figures[beta] = evaluate.evaluate_run(model, dataset.binarize(test_images).numpy(),
                                               iw_samples=2, kl="mc", seed=0)
         # The test ELBO of metrics.csv is the ELBO (B = 1) of the trained model, as evaluate.py's.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from machinery import run_folder
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -60,7 +62,7 @@ def test_a_conditional_run_writes_its_analogies_and_records_the_setting(conditio
     assert analogies.shape[1] > analogies.shape[0] * 0.8 and analogies.std() > 0  # 11 columns, 10 rows
     model = network.load_model(out)
     assert model.num_classes == 10
-    reloaded = tf.saved_model.load(str(out / network.SAVEDMODEL_DIR))
+    reloaded = tf.saved_model.load(str(out / run_folder.SAVEDMODEL_DIR))
     drawn = reloaded.signatures["decode"](z=tf.zeros((3, 2)), y=tf.constant([1, 2, 3]))["pixels"]
     np.testing.assert_allclose(drawn, model.decode(tf.zeros((3, 2)), True, y=tf.constant([1, 2, 3])),
                                atol=1e-6)

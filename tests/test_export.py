@@ -90,7 +90,7 @@ def inputs(tmp_path_factory) -> Path:
 
 def checkpoint_outputs(run: Path, inputs: Path, graph: bool) -> dict[str, np.ndarray]:
     """The outputs of the run's last checkpoint, run eagerly or as a graph (tf.function)."""
-    model = run_folder.load_trained_model(run)[0]
+    model = export.load_trained_model(run)[0]
 
     def outputs(x: tf.Tensor, z: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, logvar = model.encode(x)
@@ -142,8 +142,8 @@ def test_export_script_writes_a_runs_model_again(runs, tmp_path):
     expected = exported_weights(runs["fp32"])
     for replace in (True, False):  # over the files there, then where they are gone
         if not replace:
-            shutil.rmtree(out / network.SAVEDMODEL_DIR)
-            (out / network.KERAS_FILE).unlink()
+            shutil.rmtree(out / run_folder.SAVEDMODEL_DIR)
+            (out / run_folder.KERAS_FILE).unlink()
         export.main(["--out-dir", str(out)])
         assert not list(out.glob(".*tmp*"))
         exported = exported_weights(out)

@@ -125,7 +125,7 @@ def test_one_size_is_kept_and_grey_images_give_one_channel(tmp_path):
     data = dataset.load_data(str(folder))
     assert data.train[0].shape[1:] == (8, 12, 1) and data.class_names == ("grey",)
     assert data.folder_report["resized"] == 0
-    assert dataset.default_likelihood(data) == "logistic"  # the 8-bit likelihood for a folder
+    assert data.default_likelihood == "logistic"  # the 8-bit likelihood for a folder
     coloured = dataset.load_data(str(folder), folder=image_folder.Settings(channels=3))
     assert coloured.train[0].shape[1:] == (8, 12, 3)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 
+from machinery import data_files
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import train_settings
 
 import dataset
 import network
@@ -38,8 +41,8 @@ def test_one_epoch_on_2000_images_improves_the_test_elbo(tmp_path):
     tf.keras.utils.set_random_seed(0)
     model = network.CVAE(train.LATENT_DIM)
     metrics = train.fit(model, tf.keras.optimizers.Adam(train.LEARNING_RATE),
-                        dataset.with_channels(x_train), dataset.with_channels(x_test), epochs=1,
-                        batch_size=train.BATCH_SIZE, seed=0, out_dir=tmp_path)
+                        train_settings("--epochs", "1", "--seed", "0"),  # the tutorial's batch size
+                        data_files.with_channels(x_train), data_files.with_channels(x_test), out_dir=tmp_path)
     untrained, trained = metrics[0]["test_elbo"], metrics[1]["test_elbo"]
     print(f"test ELBO untrained {untrained:.1f}, after one epoch on 2,000 images {trained:.1f}")
     assert np.isfinite(trained)

@@ -257,6 +257,19 @@ def edit_config(run: Path, **settings) -> None:
     (run / "config.json").write_text(json.dumps({**config, **settings}))
 
 
+def test_a_run_with_an_older_config_resumes_with_the_later_settings_defaults(tmp_path, data, reference):
+    run = tmp_path / "older"
+    shutil.copytree(reference, run)
+    config = json.loads((run / "config.json").read_text())
+    first_version = ("epochs", "latent_dim", "batch_size", "learning_rate", "seed", "train_size",
+                     "test_size", "data", "data_sha256")
+    (run / "config.json").write_text(json.dumps({name: config[name] for name in first_version}))
+    result = run_script("train.py", "--out-dir", str(run), "--resume", "--epochs", str(EPOCHS + 1),
+                        "--data", str(data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text()) == {**config, "epochs": EPOCHS + 1}
+
+
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input_leaves_the_run_folder_unchanged(tmp_path, data, reference, case, capsys,
                                                    monkeypatch):

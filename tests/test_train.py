@@ -6,13 +6,13 @@ import csv
 import functools
 from statistics import NormalDist
 
-from machinery import steps
+from machinery import data_files, steps
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import epoch_losses, make_mnist_arrays
+from conftest import epoch_losses, make_mnist_arrays, train_settings
 
 import dataset
 import network
@@ -129,12 +129,12 @@ def test_evaluate_is_the_mean_elbo_over_all_images(shards):
 
 
 def test_fit_writes_grids_and_metrics(tmp_path, tiny_arrays):
-    train_images = dataset.with_channels(tiny_arrays["x_train"])  # uint8: fit binarizes a batch at a time
-    test_images = dataset.with_channels(tiny_arrays["x_test"])
+    train_images = data_files.with_channels(tiny_arrays["x_train"])  # uint8: fit binarizes a batch at a time
+    test_images = data_files.with_channels(tiny_arrays["x_test"])
     tf.keras.utils.set_random_seed(0)
     model = network.CVAE(2)
-    metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), train_images, test_images,
-                        epochs=2, batch_size=32, seed=0, out_dir=tmp_path)
+    metrics = train.fit(model, tf.keras.optimizers.Adam(1e-3), train_settings("--epochs", "2", "--seed", "0"),
+                        train_images, test_images, out_dir=tmp_path)
     assert [row["epoch"] for row in metrics] == [0, 1, 2]
     assert metrics[2]["test_elbo"] > metrics[0]["test_elbo"]
     for epoch in range(3):
