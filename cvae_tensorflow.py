@@ -37,7 +37,7 @@ train_size = 60000
 batch_size = 32
 test_size = 10000
 filters = None  # "Next steps": e.g. 512 in every convolution but the last (None: 32, 64)
-dataset = "mnist"  # or "fashion_mnist"; colour (CIFAR-10): python train.py --dataset cifar10
+dataset = "mnist"  # or "fashion_mnist" (downloaded: CVAE_DATA is MNIST's); colour: train.py --dataset cifar10
 
 # %% [markdown]
 # ## Load the MNIST dataset
@@ -45,7 +45,7 @@ dataset = "mnist"  # or "fashion_mnist"; colour (CIFAR-10): python train.py --da
 # Each pixel (0-255) is modelled as a Bernoulli variable: the images are statically binarized.
 
 # %%
-if os.environ.get("CVAE_DATA"):  # offline: a local copy of the file Keras downloads
+if os.environ.get("CVAE_DATA") and dataset == "mnist":  # offline: a local copy of MNIST's file
     if not os.path.isfile(os.environ["CVAE_DATA"]):
         print(f"CVAE_DATA={os.environ['CVAE_DATA']}: no such file", file=sys.stderr)
         sys.exit(2)

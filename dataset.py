@@ -151,6 +151,16 @@ def data_source(path: str | None = None) -> str | None:
     return path or os.environ.get(DATA_ENV_VAR) or None
 
 
+def refuse_two_sources(args: argparse.Namespace, given: set[str]) -> None:
+    """A typed --dataset with $CVAE_DATA set and no --data names two sources: refuse it in one
+    line that says what to do, rather than label the file's images with another's classes."""
+    if "dataset" in given and not args.data and (path := os.environ.get(DATA_ENV_VAR)):
+        raise UserError(f"--dataset {args.dataset} asks for a Keras download, but {DATA_ENV_VAR} names "
+                        f"{path}: pass that file with --data (--dataset then names its classes), or "
+                        f"clear {DATA_ENV_VAR} to download {args.dataset} (bash: unset {DATA_ENV_VAR}; "
+                        f"PowerShell: Remove-Item Env:{DATA_ENV_VAR})")
+
+
 def _download(name: str) -> dict[str, np.ndarray]:
     try:
         (x_train, y_train), (x_test, y_test) = KERAS_DATASETS[name].load_data()
@@ -224,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")
     args = parser.parse_args(argv)
+    refuse_two_sources(args, cli.explicit_flags(parser, argv))
 
     out_dir = files.ensure_out_dir(args.out_dir)
     print(f"Source: {data_source(args.data) or f'tf.keras.datasets.{args.dataset}.load_data()'}")

@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = cli.explicit_flags(parser, argv)  # the flags typed: --resume checks them
+    dataset.refuse_two_sources(args, given)  # --dataset typed, and $CVAE_DATA set
     with launch.training(args, given, dataset.load_run_data, export.SETTING_CHOICES,
                          test_images_needed=pictures.NUM_EXAMPLES_TO_GENERATE) as (run, devices):
         with devices.strategy.scope():  # the variables live on the strategy's devices

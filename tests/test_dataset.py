@@ -10,9 +10,17 @@ from machinery.cli import UserError
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import IDX_NAMES, idx_bytes, make_mnist_arrays, write_idx_folder
+from conftest import (
+    IDX_NAMES,
+    assert_one_line_error,
+    idx_bytes,
+    make_mnist_arrays,
+    run_main,
+    write_idx_folder,
+)
 
 import dataset
+import train
 
 
 def test_binarize_is_the_tutorials_threshold():
@@ -48,6 +56,23 @@ def test_idx_folder(tmp_path, tiny_arrays, gz):
 def test_env_var_names_the_data(monkeypatch, tiny_npz, tiny_arrays):
     monkeypatch.setenv("CVAE_DATA", str(tiny_npz))
     assert_same_as(dataset.load_data().splits, tiny_arrays)
+
+
+@pytest.mark.parametrize("main, prog", [(dataset.main, "dataset.py"), (train.main, "train.py")])
+def test_a_typed_dataset_with_the_env_var_set_is_refused(tmp_path, monkeypatch, capsys, tiny_npz, main, prog):
+    # CVAE_DATA names MNIST's file: --dataset fashion_mnist must not show it under Fashion-MNIST's
+    # class names (it did: "T-shirt/top" counting the 0s), nor train a "Trouser" that is a 1.
+    monkeypatch.setenv("CVAE_DATA", str(tiny_npz))
+    out = tmp_path / "out"
+    code, stderr = run_main(main, ["--dataset", "fashion_mnist", "--out-dir", out], prog, capsys, monkeypatch)
+    assert_one_line_error(stderr, prog, f"--dataset fashion_mnist asks for a Keras download, but CVAE_DATA "
+                                        f"names {tiny_npz}: pass that file with --data", 2, code)
+    assert "Remove-Item Env:CVAE_DATA" in stderr and not out.exists()
+    # With --data, --dataset names the file's classes; without --dataset, CVAE_DATA names the data.
+    dataset.main(["--data", str(tiny_npz), "--dataset", "fashion_mnist", "--out-dir", str(out)])
+    assert "0 T-shirt/top" in capsys.readouterr().out
+    dataset.main(["--out-dir", str(out)])
+    assert f"Source: {tiny_npz}" in capsys.readouterr().out
 
 
 def test_keras_download_is_the_default(monkeypatch, tiny_arrays):

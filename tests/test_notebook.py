@@ -5,7 +5,9 @@ bottom in a real Jupyter kernel, copied alone into an empty folder as on Colab."
 from __future__ import annotations
 
 import ast
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -155,3 +157,20 @@ def test_missing_data_stops_the_script_with_one_line(tmp_path):
                         cwd=tmp_path)
     assert result.returncode == 2
     assert stderr_lines(result.stderr)[-1] == f"CVAE_DATA={tmp_path / 'missing.npz'}: no such file"
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_the_notebooks_dataset_setting_wins_over_cvae_data(tmp_path, monkeypatch, name):
+    # CVAE_DATA is MNIST's file: with dataset = "fashion_mnist" the notebook downloads that,
+    # rather than train on MNIST's images as if they were Fashion-MNIST's.
+    local, download = make_mnist_arrays(seed=1), make_mnist_arrays(seed=2)
+    np.savez(tmp_path / "mnist.npz", **local)
+    monkeypatch.setenv("CVAE_DATA", str(tmp_path / "mnist.npz"))
+    monkeypatch.setattr(tf.keras.datasets.fashion_mnist, "load_data", lambda: (
+        (download["x_train"], download["y_train"]), (download["x_test"], download["y_test"])))
+    data_cell = next(cell.source for cell in jupytext.read(SCRIPT).cells if "CVAE_DATA" in cell.source
+                     and cell.cell_type == "code" and "load_data" in cell.source)
+    scope = {"os": os, "sys": sys, "np": np, "tf": tf, "dataset": name, "train_size": 96, "test_size": 32}
+    exec(data_cell, scope)
+    expected = local if name == "mnist" else download
+    np.testing.assert_array_equal(scope["train_images"], expected["x_train"])
