@@ -2,8 +2,8 @@
 
     python generate.py --out-dir output                        # 16 digits, z ~ N(0, I)
     python generate.py --out-dir output --num 64 --seed 3 --npy
-    python generate.py --out-dir output --z 0,0 --z 1.5,-0.5     # the points you give
-    python generate.py --out-dir output --interpolate -2,0 2,0 --steps 10
+    python generate.py --out-dir output --z "0,0" --z "1.5,-0.5"     # the points you give
+    python generate.py --out-dir output --interpolate "-2,0" "2,0" --steps 10
 
 It reads the model the run exported (cvae.keras), not the data, and writes a grid of the
 pixel probabilities (for the logistic likelihood, the pixels' medians), grey or colour as
@@ -55,9 +55,10 @@ def build_parser() -> cli.ArgumentParser:
                       default=pictures.NUM_EXAMPLES_TO_GENERATE,
                       help="how many images to draw from the prior, z ~ N(0, I)")
     what.add_argument("--z", type=latent_point, action="append", metavar="Z",
-                      help="decode this latent point, e.g. 0.5,-1.2 (repeat the flag for more)")
+                      help="decode this latent point, e.g. \"0.5,-1.2\" (quoted: PowerShell splits "
+                           "a comma; repeat the flag for more)")
     what.add_argument("--interpolate", type=latent_point, nargs=2, metavar=("A", "B"),
-                      help="decode a walk from latent point A to B, e.g. -2,0 2,0")
+                      help="decode a walk from latent point A to B, e.g. \"-2,0\" \"2,0\"")
     parser.add_argument("--label", default=None, metavar="L",
                         help="the class a conditional model draws: its index or name (default: "
                              "each class in turn)")

@@ -20,7 +20,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                              "MultiWorkerMirroredStrategy over the machines in $TF_CONFIG")
     parser.add_argument("--devices", default=None,
                         help="for --strategy mirrored, a comma-separated device list such as "
-                             "GPU:0,GPU:1 (default: every local GPU, else the CPU)")
+                             "\"GPU:0,GPU:1\" (default: every local GPU, else the CPU)")
 
 
 def available_cores() -> int:
