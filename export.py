@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, files, run_folder, settings
+from machinery import cli, files, run_folder
+from machinery.settings import RunSettings, load_settings
 
 import tensorflow as tf
 
@@ -28,28 +29,28 @@ SETTING_CHOICES = {"kl": network.KL_ESTIMATORS, "dataset": dataset.KERAS_DATASET
                    "precision": network.PRECISIONS, "likelihood": network.LIKELIHOODS}
 
 
-def load_settings(out_dir: Path) -> settings.RunSettings:
-    """The run's settings, from its config.json (checked)."""
-    return settings.load(out_dir, SETTING_CHOICES)
+def read_settings(out_dir: Path) -> RunSettings:
+    """The run's settings, from its config.json (checked, with the choices its flags offer)."""
+    return load_settings(out_dir, SETTING_CHOICES)
 
 
-def new_model(run: settings.RunSettings, **options) -> network.CVAE:
+def new_model(settings: RunSettings, **options) -> network.CVAE:
     """An untrained CVAE of the run's settings (and `options`: another logits_layer, say)."""
-    return network.CVAE(**run.model_options(), **options)
+    return network.CVAE(**settings.model_options(), **options)
 
 
-def load_trained_model(out_dir: Path, **options) -> tuple[network.CVAE, settings.RunSettings, str, int]:
+def load_trained_model(out_dir: Path, **options) -> tuple[network.CVAE, RunSettings, str, int]:
     """The run's model (built with `options`, as new_model) at its latest intact checkpoint;
     with the run's settings, that checkpoint's path and its epoch."""
     if not out_dir.is_dir():
         raise cli.UserError(f"--out-dir {out_dir}: no such folder")
-    run = load_settings(out_dir)
+    settings = read_settings(out_dir)
     checkpoint_path, epoch = run_folder.latest_intact_checkpoint(out_dir / "checkpoints")
     if checkpoint_path is None:
         raise cli.UserError(f"{out_dir} has no checkpoint yet")
-    model = new_model(run, **options)
+    model = new_model(settings, **options)
     run_folder.restore(tf.train.Checkpoint(model=model), checkpoint_path)
-    return model, run, checkpoint_path, epoch
+    return model, settings, checkpoint_path, epoch
 
 
 def savedmodel_archive(model: network.CVAE) -> tf.keras.export.ExportArchive:
@@ -80,9 +81,9 @@ def export_model(model: network.CVAE, out_dir: Path) -> None:
     plain = network.CVAE(**model.get_config())
     plain.set_weights(model.get_weights())
     model = plain
-    with files.atomic_path(out_dir / run_folder.KERAS_FILE) as tmp:
+    with files.atomic_path(out_dir / files.KERAS_FILE) as tmp:
         model.save(tmp)
-    with files.atomic_folder(out_dir / run_folder.SAVEDMODEL_DIR) as tmp:
+    with files.atomic_folder(out_dir / files.SAVEDMODEL_DIR) as tmp:
         savedmodel_archive(model).write_out(str(tmp), verbose=False)
 
 
@@ -95,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, _, checkpoint_path, epoch = load_trained_model(out_dir)
     files.ensure_out_dir(out_dir)
     export_model(model, out_dir)
-    print(f"Exported {checkpoint_path} (epoch {epoch}) to {out_dir / run_folder.KERAS_FILE} and "
-          f"{out_dir / run_folder.SAVEDMODEL_DIR}/")
+    print(f"Exported {checkpoint_path} (epoch {epoch}) to {out_dir / files.KERAS_FILE} and "
+          f"{out_dir / files.SAVEDMODEL_DIR}/")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description="Draw images from a trained model: from the prior, "
                                             "at given latent points, or along a line.")
     parser.add_argument("--out-dir", default=run_folder.OUT_DIR,
-                        help=f"the run folder whose exported model ({run_folder.KERAS_FILE}) draws")
+                        help=f"the run folder whose exported model ({files.KERAS_FILE}) draws")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--num", type=cli.int_between(1, MAX_IMAGES),
                       default=pictures.NUM_EXAMPLES_TO_GENERATE,
@@ -147,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise cli.UserError(f"{path} is a folder; give --out a file name")
     model = network.load_model(args.out_dir)
     # The run's class names (of a run older than them: its --dataset's); none for a lone cvae.keras.
-    run = export.load_settings(Path(args.out_dir)) if (Path(args.out_dir) / "config.json").is_file() else None
-    names = tuple(run.class_names or dataset.CLASS_NAMES[run.dataset]) if run else ()
+    has_config = (Path(args.out_dir) / "config.json").is_file()
+    settings = export.read_settings(Path(args.out_dir)) if has_config else None
+    names = tuple(settings.class_names or dataset.CLASS_NAMES[settings.dataset]) if settings else ()
     z, titles, about = latent_points(args, model.latent_dim)
     labels, titles, about = class_labels(args.label, model, names, len(z), titles, about)
     probabilities = model.sample(tf.constant(z), labels).numpy()  # what pictures show

@@ -18,7 +18,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, files, model_size, run_folder  # python network.py's; the model and loss need none
+from machinery import cli, files, model_size  # python network.py's, below; the model and its loss need none
 
 import numpy as np
 import tensorflow as tf
@@ -267,7 +267,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_model(path: str | Path) -> CVAE:
     """The CVAE a run exported: `path` is its run folder (holding cvae.keras) or the file."""
-    return files.load_keras_model(path, run_folder.KERAS_FILE, CVAE)
+    return files.load_keras_model(path, files.KERAS_FILE, CVAE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_model_flags(parser)
     parser.add_argument("--from", dest="source", default=None, metavar="RUN",
                         help=f"print instead the trained model a run exported: its folder "
-                             f"(holding {run_folder.KERAS_FILE}) or the file")
+                             f"(holding {files.KERAS_FILE}) or the file")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="size of the dummy batch for the forward pass")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, faults, launch, records, run_folder, speed, steps
+from machinery import cli, distribute, faults, files, launch, records, run_folder, speed, steps
 from machinery.settings import RunSettings
 
 import numpy as np
@@ -203,7 +203,7 @@ def save_final_outputs(model: network.CVAE, run: run_folder.Run) -> None:
     else:
         print(f"No latent manifold: it needs --latent-dim 2, not {settings.latent_dim}")
     export.export_model(model, out_dir)  # the trained model, to use without this script
-    print(f"Wrote {out_dir / run_folder.KERAS_FILE} and {out_dir / run_folder.SAVEDMODEL_DIR}/ "
+    print(f"Wrote {out_dir / files.KERAS_FILE} and {out_dir / files.SAVEDMODEL_DIR}/ "
           f"(python generate.py --out-dir {out_dir} draws "
           f"{pictures.noun(settings.class_names)} from them)")
 

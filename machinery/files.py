@@ -25,6 +25,9 @@ except ImportError:  # Windows: msvcrt's byte-range locks instead
     fcntl = None
     import msvcrt
 
+# Where a run exports its trained model (export.py): Keras' own format, and a SavedModel.
+KERAS_FILE = "cvae.keras"
+SAVEDMODEL_DIR = "cvae_savedmodel"
 LOCK_FILE = ".run.lock"  # holds the PID of the process that holds the folder (hold_folder)
 LOCKED_BYTE = 4096  # where Windows' lock sits: past the PID, which other processes then can read
 REPLACE_WAITS = (0.05, 0.1, 0.2, 0.5, 1, 2)  # seconds to wait, in turn, while Windows refuses a rename

@@ -12,27 +12,26 @@ import shutil
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
-from machinery import cli, data_files, files, image_folder, settings
+from machinery import cli, data_files, files, image_folder
+from machinery.settings import CONFIG_FILE, RunSettings, load_settings
 
 import numpy as np
 import tensorflow as tf
 
 OUT_DIR = "output"
-# Where a run exports its trained model (export.py): Keras' own format, and a SavedModel.
-KERAS_FILE = "cvae.keras"
-SAVEDMODEL_DIR = "cvae_savedmodel"
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
-RUN_OUTPUTS = (settings.CONFIG_FILE, "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
-               "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", KERAS_FILE,
-               SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
+RUN_OUTPUTS = (CONFIG_FILE, "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
+               "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", files.KERAS_FILE,
+               files.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
                "latent_space.png", "interpolation.png", "training_curves.png", "generated.*", "analogies.png",
                ".evaluation-kept.npz", ".*.tmp.*")
 
 
 # dataset.load_run_data: (a run's settings, where its data is, whether to check its
-# fingerprint) -> dataset.Data, its images and what was found of them.
-DataReader = Callable[[settings.RunSettings, "str | None", bool], object]
+# fingerprint) -> dataset.Data: .splits, .fingerprint, .class_names, .source (the file read),
+# .default_likelihood and .folder_report.
+DataReader = Callable[[RunSettings, "str | None", bool], object]
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +105,7 @@ def agreed_checkpoint(resume_from: str | None, epochs: list[int], folder: Path) 
 
 @dataclasses.dataclass
 class Run:
-    settings: settings.RunSettings  # as stored in config.json
+    settings: RunSettings  # as stored in config.json
     out_dir: Path
     train_images: np.ndarray  # uint8 (N, H, W, C): train.fit prepares a batch at a time
     test_images: np.ndarray
@@ -140,43 +139,43 @@ def prepare_run(args: argparse.Namespace, given: set[str], read_data: DataReader
     # (in one shared run folder, the chief's files are the chief's to check and replace).
     own_outputs = RUN_OUTPUTS if chief else (checkpoint_folder,)
     if args.resume:
-        config = settings.load(out_dir, choices)
-        if name := config.contradicted(args, given):
+        settings = load_settings(out_dir, choices)
+        if name := settings.contradicted(args, given):
             flag = "--" + name.replace("_", "-")
             raise cli.UserError(f"{flag} {getattr(args, name)} contradicts the run in {out_dir}, which "
-                                f"has {flag} {getattr(config, name)}; drop the flag to resume it, or start "
-                                f"a new run in another --out-dir")
+                                f"has {flag} {getattr(settings, name)}; drop the flag to resume it, or "
+                                f"start a new run in another --out-dir")
         if "epochs" in given:
-            config.epochs = args.epochs
-        source = args.data or config.data
+            settings.epochs = args.epochs
+        source = args.data or settings.data
     else:
         if holds_run(out_dir, own_outputs) and not args.overwrite:
             raise cli.UserError(f"{out_dir} already holds a run; continue it with --resume, or "
                                 f"replace it with --overwrite")
-        config, source = settings.RunSettings.from_flags(args), args.data
+        settings, source = RunSettings.from_flags(args), args.data
 
-    data = read_data(config, source, args.resume)
-    config.data = str(Path(data.source).resolve()) if data.source else None  # where it is now
+    data = read_data(settings, source, args.resume)
+    settings.data = str(Path(data.source).resolve()) if data.source else None  # where it is now
     (train_images, train_labels), (test_images, test_labels) = data.splits
-    config.data_sha256 = data.fingerprint
-    if not (args.resume and config.class_names):  # a resumed run keeps its classes, and its model
-        config.class_names = list(data.class_names)
-    if config.conditional and len(data.class_names) < 2:
+    settings.data_sha256 = data.fingerprint
+    if not (args.resume and settings.class_names):  # a resumed run keeps its classes, and its model
+        settings.class_names = list(data.class_names)
+    if settings.conditional and len(data.class_names) < 2:
         raise cli.UserError(f"--conditional needs images of two classes or more; "
                             f"{data.source or 'the data'} has one")
     if len(test_images) < test_images_needed:
         raise cli.UserError(f"the sample grid needs {test_images_needed} test images, "
                             f"got {len(test_images)}")
-    config.image_shape = list(data_files.image_shape(train_images))  # the model's shapes follow
-    config.likelihood = config.likelihood or data.default_likelihood
+    settings.image_shape = list(data_files.image_shape(train_images))  # the model's shapes follow
+    settings.likelihood = settings.likelihood or data.default_likelihood
     resume_from, done = None, 0
     if args.resume:  # this worker's checkpoints, else (one shared run folder) the chief's
         for folder in dict.fromkeys((checkpoint_folder, "checkpoints")):
             resume_from, done = latest_intact_checkpoint(out_dir / folder)
             if resume_from:
                 break
-    if resume_from and config.epochs < done:
-        raise cli.UserError(f"--epochs {config.epochs}: the run in {out_dir} has done {done} "
+    if resume_from and settings.epochs < done:
+        raise cli.UserError(f"--epochs {settings.epochs}: the run in {out_dir} has done {done} "
                             f"epochs already")
 
     if chief:
@@ -185,6 +184,7 @@ def prepare_run(args: argparse.Namespace, given: set[str], read_data: DataReader
         for pattern in own_outputs:
             for path in out_dir.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    config.save(out_dir)
-    return Run(config, out_dir, data_files.with_channels(train_images), data_files.with_channels(test_images),
-               train_labels, test_labels, resume_from, image_folder.report_lines(data.folder_report or {}))
+    settings.save(out_dir)
+    return Run(settings, out_dir, data_files.with_channels(train_images),
+               data_files.with_channels(test_images), train_labels, test_labels, resume_from,
+               image_folder.report_lines(data.folder_report or {}))

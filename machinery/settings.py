@@ -18,16 +18,19 @@ CONFIG_FILE = "config.json"
 
 
 def setting(default: object = dataclasses.MISSING, *, flag: bool = True, fixed: bool = True,
-            **options) -> dataclasses.Field:
+            required: bool = False, **options) -> dataclasses.Field:
     """A field of RunSettings. `flag`: train.py has a flag of its name (--latent-dim for
-    latent_dim); `fixed`: --resume refuses that flag where it contradicts the run."""
-    return dataclasses.field(default=default, metadata={"flag": flag, "fixed": flag and fixed}, **options)
+    latent_dim); `fixed`: --resume refuses that flag where it contradicts the run; `required`:
+    config.json must hold it, as every run has (a field without a default is required too)."""
+    required = required or (default is dataclasses.MISSING and "default_factory" not in options)
+    return dataclasses.field(default=default, metadata={"flag": flag, "fixed": flag and fixed,
+                                                        "required": required}, **options)
 
 
 @dataclasses.dataclass
 class RunSettings:
-    """What config.json holds. A setting of the first version has no default (train.py's flags
-    give the tutorial's recipe); a later one's default is its flag's, and what an older run had."""
+    """What config.json holds, in its order. The first version's settings are required (train.py's
+    flags give the tutorial's recipe); a later setting's default is what an older run had."""
 
     epochs: int = setting(fixed=False)  # --resume --epochs N trains a finished run further
     latent_dim: int = setting()
@@ -47,11 +50,11 @@ class RunSettings:
     beta: float = setting(1.0)
     conditional: bool = setting(False)
     # Found when the run starts: where its data was read (it may move since), the data's
-    # fingerprint, its image shape (the model's; MNIST's before other images) and class names.
-    data: str | None = setting(None, fixed=False)
-    data_sha256: str = setting("", flag=False)
-    image_shape: list[int] = setting(flag=False, default_factory=lambda: [28, 28, 1])
+    # fingerprint, its class names and image shape (the model's; MNIST's before other images).
+    data: str | None = setting(None, fixed=False, required=True)
+    data_sha256: str = setting("", flag=False, required=True)
     class_names: list[str] | None = setting(None, flag=False)
+    image_shape: list[int] = setting(flag=False, default_factory=lambda: [28, 28, 1])
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> RunSettings:
@@ -75,7 +78,7 @@ class RunSettings:
             tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
-def load(out_dir: Path, choices: Mapping[str, Collection[str]]) -> RunSettings:
+def load_settings(out_dir: Path, choices: Mapping[str, Collection[str]]) -> RunSettings:
     """The run's config.json, checked: every setting of the right type, a setting with
     `choices` one of them (a later setting that it lacks: its default)."""
     path = out_dir / CONFIG_FILE
@@ -89,12 +92,16 @@ def load(out_dir: Path, choices: Mapping[str, Collection[str]]) -> RunSettings:
     if not isinstance(stored, dict):
         raise cli.UserError(f"{path} is damaged: it holds no settings")
     kinds = typing.get_type_hints(RunSettings)
-    known = {field.name: field for field in dataclasses.fields(RunSettings)}
-    for name, field in known.items():
-        has_default = (field.default, field.default_factory) != (dataclasses.MISSING,) * 2
-        if not (fits(stored[name], kinds[name]) if name in stored else has_default):
-            raise cli.UserError(f"{path} is damaged: {name} is missing or of the wrong type")
-    settings = RunSettings(**{name: value for name, value in stored.items() if name in known})
+    for field in dataclasses.fields(RunSettings):
+        if field.name in stored and not fits(stored[field.name], kinds[field.name]) or (
+                field.name not in stored and field.metadata["required"]):
+            raise cli.UserError(f"{path} is damaged: {field.name} is missing or of the wrong type")
+    if unknown := sorted(stored.keys() - kinds.keys()):
+        raise cli.UserError(f"{path}: unknown settings {', '.join(unknown)} (a run of a newer "
+                            f"version of this project?)")
+    settings = RunSettings(**stored)
+    if settings.conditional and not settings.class_names:
+        raise cli.UserError(f"{path} is damaged: a conditional run without its class_names")
     for name, values in choices.items():
         if getattr(settings, name) not in values:
             raise cli.UserError(f"{path} is damaged: unknown {name} {getattr(settings, name)!r}")

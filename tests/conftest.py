@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli, data_files, image_decoding, run_folder, steps
+from machinery import cli, data_files, files, image_decoding, steps
 from machinery.settings import RunSettings
 
 import numpy as np
@@ -100,7 +100,7 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
 def exported_weights(out: Path) -> dict[str, np.ndarray]:
     """The weights a run exported: those in its cvae.keras and those in its SavedModel."""
     weights = {f"keras {i}": w for i, w in enumerate(network.load_model(out).get_weights())}
-    reader = tf.train.load_checkpoint(str(out / run_folder.SAVEDMODEL_DIR / "variables" / "variables"))
+    reader = tf.train.load_checkpoint(str(out / files.SAVEDMODEL_DIR / "variables" / "variables"))
     # "variables/N" is the model's N-th variable; the archive's "_all_variables" copies them
     # in an order of no meaning.
     return {**weights, **{name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from machinery import run_folder
+from machinery import files
 
 import imageio.v3 as iio
 import numpy as np
@@ -62,7 +62,7 @@ def test_a_conditional_run_writes_its_analogies_and_records_the_setting(conditio
     assert analogies.shape[1] > analogies.shape[0] * 0.8 and analogies.std() > 0  # 11 columns, 10 rows
     model = network.load_model(out)
     assert model.num_classes == 10
-    reloaded = tf.saved_model.load(str(out / run_folder.SAVEDMODEL_DIR))
+    reloaded = tf.saved_model.load(str(out / files.SAVEDMODEL_DIR))
     drawn = reloaded.signatures["decode"](z=tf.zeros((3, 2)), y=tf.constant([1, 2, 3]))["pixels"]
     np.testing.assert_allclose(drawn, model.decode(tf.zeros((3, 2)), True, y=tf.constant([1, 2, 3])),
                                atol=1e-6)

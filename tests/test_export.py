@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machinery import cli, run_folder
+from machinery import cli, files
 
 import imageio.v3 as iio
 import numpy as np
@@ -142,8 +142,8 @@ def test_export_script_writes_a_runs_model_again(runs, tmp_path):
     expected = exported_weights(runs["fp32"])
     for replace in (True, False):  # over the files there, then where they are gone
         if not replace:
-            shutil.rmtree(out / run_folder.SAVEDMODEL_DIR)
-            (out / run_folder.KERAS_FILE).unlink()
+            shutil.rmtree(out / files.SAVEDMODEL_DIR)
+            (out / files.KERAS_FILE).unlink()
         export.main(["--out-dir", str(out)])
         assert not list(out.glob(".*tmp*"))
         exported = exported_weights(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from machinery import model_size, run_folder
+from machinery import files, model_size
 
 import imageio.v3 as iio
 import numpy as np
@@ -144,7 +144,7 @@ def test_a_colour_run_from_the_data_to_the_pictures(tmp_path):
     generated = run_script("generate.py", "--out-dir", out, "--num", "4", "--npy")
     assert generated.returncode == 0, generated.stderr
     assert np.load(out / "generated.npy").shape == (4, 32, 32, 3)
-    signatures = tf.saved_model.load(str(out / run_folder.SAVEDMODEL_DIR)).signatures
+    signatures = tf.saved_model.load(str(out / files.SAVEDMODEL_DIR)).signatures
     encoded = signatures["encode"](images=tf.zeros((2, 32, 32, 3)))
     assert encoded["mean"].shape == (2, 2)
 

@@ -5,6 +5,7 @@ is refused in one line with exit code 2 and leaves the run folder as it was."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machinery.settings import RunSettings
 
 import numpy as np
 import pytest
@@ -261,8 +264,7 @@ def test_a_run_with_an_older_config_resumes_with_the_later_settings_defaults(tmp
     run = tmp_path / "older"
     shutil.copytree(reference, run)
     config = json.loads((run / "config.json").read_text())
-    first_version = ("epochs", "latent_dim", "batch_size", "learning_rate", "seed", "train_size",
-                     "test_size", "data", "data_sha256")
+    first_version = [field.name for field in dataclasses.fields(RunSettings) if field.metadata["required"]]
     (run / "config.json").write_text(json.dumps({name: config[name] for name in first_version}))
     result = run_script("train.py", "--out-dir", str(run), "--resume", "--epochs", str(EPOCHS + 1),
                         "--data", str(data))

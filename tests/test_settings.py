@@ -17,8 +17,8 @@ import export
 import network
 import train
 
-FIRST_VERSION = ("epochs", "latent_dim", "batch_size", "learning_rate", "seed", "train_size", "test_size",
-                 "data", "data_sha256")
+# What config.json must hold: what every run has held since the first version.
+FIRST_VERSION = [field.name for field in dataclasses.fields(RunSettings) if field.metadata["required"]]
 
 
 def test_every_flag_setting_is_a_train_flag_with_the_settings_default():
@@ -55,7 +55,7 @@ def first_version(run: RunSettings) -> dict:
 def test_an_older_config_takes_the_defaults_of_later_settings(tmp_path):
     run = train_settings("--latent-dim", "4")
     write_config(tmp_path, **first_version(run))
-    loaded = export.load_settings(tmp_path)
+    loaded = export.read_settings(tmp_path)
     assert loaded.latent_dim == 4 and loaded.epochs == 10
     assert (loaded.kl, loaded.beta, loaded.precision, loaded.likelihood, loaded.conditional) == (
         "mc", 1.0, "fp32", "bernoulli", False)
@@ -75,19 +75,34 @@ def test_an_older_config_takes_the_defaults_of_later_settings(tmp_path):
 def test_a_config_of_another_type_or_value_is_damaged(tmp_path, change, expected):
     write_config(tmp_path, **{**first_version(train_settings()), **change})
     with pytest.raises(cli.UserError, match="is damaged") as error:
-        export.load_settings(tmp_path)
+        export.read_settings(tmp_path)
     assert expected in str(error.value)
 
 
-def test_a_config_without_a_first_version_setting_is_damaged(tmp_path):
+def test_the_first_versions_settings_are_required():
+    assert FIRST_VERSION == ["epochs", "latent_dim", "batch_size", "learning_rate", "seed", "train_size",
+                             "test_size", "data", "data_sha256"]
+
+
+@pytest.mark.parametrize("name", FIRST_VERSION)
+def test_a_config_without_a_first_version_setting_is_damaged(tmp_path, name):
     values = first_version(train_settings())
-    del values["batch_size"]
+    del values[name]
     write_config(tmp_path, **values)
-    with pytest.raises(cli.UserError, match="batch_size is missing"):
-        export.load_settings(tmp_path)
+    with pytest.raises(cli.UserError, match=f"is damaged: {name} is missing"):
+        export.read_settings(tmp_path)
+
+
+def test_a_config_of_unknown_settings_or_no_settings_is_refused(tmp_path):
+    write_config(tmp_path, **first_version(train_settings()), warmup_epochs=3)
+    with pytest.raises(cli.UserError, match="unknown settings warmup_epochs"):
+        export.read_settings(tmp_path)
+    write_config(tmp_path, **first_version(train_settings()), conditional=True)
+    with pytest.raises(cli.UserError, match="a conditional run without its class_names"):
+        export.read_settings(tmp_path)
     (tmp_path / settings.CONFIG_FILE).write_text("[1, 2]")
     with pytest.raises(cli.UserError, match="holds no settings"):
-        export.load_settings(tmp_path)
+        export.read_settings(tmp_path)
 
 
 def test_a_saved_run_loads_back_equal(tmp_path):
@@ -95,7 +110,7 @@ def test_a_saved_run_loads_back_equal(tmp_path):
     run.class_names, run.data_sha256 = ["x", "y"], "ab" * 32
     run.likelihood = "logistic"
     run.save(tmp_path)
-    assert export.load_settings(tmp_path) == run
+    assert export.read_settings(tmp_path) == run
 
 
 def test_json_values_fit_the_type_hints():
