@@ -160,6 +160,14 @@ def latent_means(model: CVAE, images: np.ndarray, labels: np.ndarray | None = No
                            for start, part in zip(batches, y)])
 
 
+def principal_axes(means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The means' centre, their principal axes (the columns, all of them) and the share of the
+    variance along each: the plane of the first two shows the most of a latent space."""
+    centre = means.mean(axis=0)
+    _, singular_values, components = np.linalg.svd(means - centre, full_matrices=False)
+    return centre, components.T, singular_values**2 / (singular_values**2).sum()
+
+
 def save_latent_space(means: np.ndarray, labels: np.ndarray, path: Path,
                       names: Sequence[str] = DIGITS) -> None:
     """The test set's latent means, coloured by class (`names`: of the labels 0, 1, ..); the
@@ -170,10 +178,8 @@ def save_latent_space(means: np.ndarray, labels: np.ndarray, path: Path,
     elif means.shape[1] == 2:
         points, title, axis_labels = means, "Latent means of the test set", ("z[0]", "z[1]")
     else:
-        centred = means - means.mean(axis=0)
-        _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
-        points = centred @ components[:2].T
-        explained = (singular_values[:2] ** 2).sum() / (singular_values**2).sum()
+        centre, axes, shares = principal_axes(means)
+        points, explained = (means - centre) @ axes[:, :2], shares[:2].sum()
         title = (f"Latent means of the test set: first two principal components of "
                  f"{means.shape[1]} dimensions ({explained:.0%} of the variance)")
         axis_labels = ("PC 1", "PC 2")

@@ -18,6 +18,7 @@ Its modules:
   image_folder    a folder of images: its classes, split and fingerprint; image_decoding decodes it
   resumable       evaluate.py's kept batches, so that a stopped evaluation goes on
   projector       TensorBoard's Projector files; model_size, a model's parameters and FLOPs
+  explore_server  explore.py's web server: its page (explore.html) and requests, each bad one a 4xx
 
 Importing the package, or any module of it, first loads TensorFlow without its C++ start-up
 logs, so that a terminal shows the scripts' own lines, and lets a GPU's memory be taken as

@@ -139,7 +139,7 @@ def run_main(main, argv: list, prog: str, capsys: pytest.CaptureFixture,
     return None, capsys.readouterr().err
 
 
-SCRIPTS = ("dataset.py", "network.py", "train.py", "evaluate.py", "export.py", "generate.py",
+SCRIPTS = ("dataset.py", "network.py", "train.py", "evaluate.py", "export.py", "generate.py", "explore.py",
            "benchmarks/benchmark.py")  # the scripts with flags
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-TOP_LEVEL = {"dataset", "network", "pictures", "train", "cvae_tensorflow", "evaluate", "export",
+TOP_LEVEL = {"dataset", "network", "pictures", "train", "cvae_tensorflow", "evaluate", "export", "explore",
              "generate"}
 SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("machinery/*.py"), *ROOT.glob("benchmarks/*.py")])
 
