@@ -23,6 +23,8 @@ DIGITS = tuple("0123456789")  # the class names of MNIST, the default
 MANIFOLD_SIZE = 20  # digits per side of the latent manifold
 ENCODE_BATCH = 1000  # test images encoded a call, for the latent space
 ANALOGY_ROWS = 10  # test images in a conditional model's analogies.png
+FRAME_POINTS = 2000  # test images in each epoch's frame of latent_means.gif
+FRAME_LIMIT = 4.  # the frames' axes, -4..4: fixed, so that the means are seen to move
 
 
 def image_grid(figure: Figure, images: np.ndarray, columns: int, titles: Sequence[str] = ()) -> None:
@@ -48,6 +50,11 @@ def save_figure(figure: Figure, path: Path, **savefig_options) -> None:
 
 def grid_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"image_at_epoch_{epoch:04d}.png"
+
+
+def frame_path(out_dir: Path, epoch: int) -> Path:
+    """A frame of latent_means.gif: the test images' latent means after `epoch` epochs."""
+    return out_dir / f"latent_means_epoch_{epoch:04d}.png"
 
 
 def save_preview(images: np.ndarray, labels: Sequence[int], path: Path, title: str,
@@ -169,9 +176,10 @@ def principal_axes(means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def save_latent_space(means: np.ndarray, labels: np.ndarray, path: Path,
-                      names: Sequence[str] = DIGITS) -> None:
+                      names: Sequence[str] = DIGITS, epoch: int | None = None) -> None:
     """The test set's latent means, coloured by class (`names`: of the labels 0, 1, ..); the
-    first two principal components when the latent space has more than two dimensions."""
+    first two principal components when the latent space has more than two dimensions. With
+    an `epoch`, a frame of latent_means.gif: fixed axes, and a fixed size."""
     if means.shape[1] == 1:
         points = np.stack([means[:, 0], labels + np.random.default_rng(0).uniform(-0.3, 0.3, len(labels))], 1)
         title, axis_labels = "Latent means (1-D), spread by label", ("z", "label")
@@ -193,7 +201,12 @@ def save_latent_space(means: np.ndarray, labels: np.ndarray, path: Path,
         colorbar = figure.colorbar(scatter, ax=axes, ticks=ticks, label="class")
         colorbar.ax.set_yticklabels([names[tick] for tick in ticks])
     axes.set(title=title, xlabel=axis_labels[0], ylabel=axis_labels[1])
-    save_figure(figure, path, bbox_inches="tight")
+    if epoch is None:
+        save_figure(figure, path, bbox_inches="tight")
+        return
+    limits = (-FRAME_LIMIT, FRAME_LIMIT)
+    axes.set(title=f"{title}, epoch {epoch}", xlim=limits, ylim=limits)
+    save_figure(figure, path, dpi=60)
 
 
 def save_interpolation(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Path,

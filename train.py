@@ -139,6 +139,17 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
                                     state.rng, shards, prepare)
     test_dataset = dataset.make_batches((test_images, test_labels),
                                         dataset.eval_batch_size(model.image_shape))
+    # For latent_dim 2, each epoch also draws where the test images' means lie (latent_means.gif).
+    frame_x, frame_y = prepare(test_images[:pictures.FRAME_POINTS]), test_labels[:pictures.FRAME_POINTS]
+
+    def save_pictures(epoch: int) -> None:
+        """The tutorial's 4x4 grid; for latent_dim 2, a frame of latent_means.gif too."""
+        pictures.generate_and_save_images(model, epoch, state.test_sample, state.sample_eps, out_dir,
+                                          state.sample_labels)
+        if model.latent_dim == 2:
+            pictures.save_latent_space(pictures.latent_means(model, frame_x, frame_y), frame_y,
+                                       pictures.frame_path(out_dir, epoch),
+                                       settings.class_names or pictures.DIGITS, epoch)
 
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
     epoch_records = records.EpochRecords(out_dir, chief, done)
@@ -146,8 +157,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
         elbo = test_set_elbo(test_loss, test_dataset)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         if chief:
-            pictures.generate_and_save_images(model, 0, state.test_sample, state.sample_eps, out_dir,
-                                              state.sample_labels)
+            save_pictures(0)
         epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)}, pictures.grid_path(out_dir, 0))
         state.save(0)
         done = 0
@@ -175,8 +185,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
             print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {progress.mean_loss:.2f}, "
                   f"time for the epoch {seconds:.1f} s ({progress.seen / seconds:,.0f} images/s)")
             if chief:
-                pictures.generate_and_save_images(model, epoch, state.test_sample, state.sample_eps,
-                                                  out_dir, state.sample_labels)
+                save_pictures(epoch)
             epoch_records.write(epoch, progress.row(elbo, seconds), pictures.grid_path(out_dir, epoch),
                                 progress.loss_points)
             state.save(epoch)  # last: the checkpoint marks the epoch complete
@@ -192,6 +201,11 @@ def save_final_outputs(model: network.CVAE, run: run_folder.Run) -> None:
     frames = [pictures.grid_path(out_dir, epoch) for epoch in range(settings.epochs + 1)]
     pictures.save_gif(frames, out_dir / "cvae.gif")
     print(f"Wrote {out_dir / 'cvae.gif'} ({len(frames)} frames)")
+    if settings.latent_dim == 2:  # (frames of epochs a version before them trained are missing)
+        moves = [pictures.frame_path(out_dir, epoch) for epoch in range(settings.epochs + 1)]
+        moves = [frame for frame in moves if frame.is_file()]
+        pictures.save_gif(moves, out_dir / "latent_means.gif")
+        print(f"Wrote {out_dir / 'latent_means.gif'} (the test images' latent means, {len(moves)} frames)")
     if model.num_classes:
         images = dataset.preprocess(run.test_images[:pictures.ANALOGY_ROWS], model.likelihood).numpy()
         pictures.save_analogies(model, images, run.test_labels, out_dir / "analogies.png",

@@ -22,10 +22,10 @@ OUT_DIR = "output"
 # What a run (train.py, then export.py, evaluate.py, generate.py) writes in its folder:
 # --overwrite removes these alone.
 RUN_OUTPUTS = (CONFIG_FILE, "metrics.csv", "checkpoints", "checkpoints-*", "tensorboard",
-               "image_at_epoch_*.png", "cvae.gif", "latent_manifold.png", files.KERAS_FILE,
-               files.SAVEDMODEL_DIR, "evaluation.json", "reconstructions.png", "prior_samples.png",
-               "latent_space.png", "interpolation.png", "training_curves.png", "generated.*", "analogies.png",
-               ".evaluation-kept.npz", ".*.tmp.*")
+               "image_at_epoch_*.png", "cvae.gif", "latent_means_epoch_*.png", "latent_means.gif",
+               "latent_manifold.png", files.KERAS_FILE, files.SAVEDMODEL_DIR, "evaluation.json",
+               "reconstructions.png", "prior_samples.png", "latent_space.png", "interpolation.png",
+               "training_curves.png", "generated.*", "analogies.png", ".evaluation-kept.npz", ".*.tmp.*")
 
 
 # dataset.load_run_data: (a run's settings, where its data is, whether to check its

@@ -7,6 +7,7 @@ import json
 import math
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, help_entries, run_main, run_script, write_idx_folder
 
@@ -53,10 +54,13 @@ def test_train_script_writes_every_output(tiny_npz, tmp_path):
     result = run_script("train.py", "--data", tiny_npz, "--epochs", "2", "--out-dir", out)
     assert_ok(result)
     expected = {f"image_at_epoch_{e:04d}.png" for e in range(3)} | {
-        "cvae.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints", "tensorboard",
-        "cvae.keras", "cvae_savedmodel", ".run.lock"}
+        f"latent_means_epoch_{e:04d}.png" for e in range(3)} | {
+        "cvae.gif", "latent_means.gif", "latent_manifold.png", "metrics.csv", "config.json", "checkpoints",
+        "tensorboard", "cvae.keras", "cvae_savedmodel", ".run.lock"}
     assert {p.name for p in out.iterdir()} == expected  # nothing else, no temporary files
     assert iio.imread(out / "cvae.gif", index=None).shape[0] == 3
+    moves = iio.imread(out / "latent_means.gif", index=None)  # the test images' means, epochs 0 to 2
+    assert moves.shape[0] == 3 and not np.array_equal(moves[0], moves[2])
     with open(out / "metrics.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
     assert "Epoch 2/2: test ELBO" in result.stdout
