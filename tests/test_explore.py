@@ -4,6 +4,7 @@ status and a JSON error, and the server goes on serving."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -117,8 +118,7 @@ def test_encode_shows_q_its_draws_and_the_elbos_parts(served):
     untrained_elbo = -float(tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
         labels=x, logits=model.decode(tf.constant(mean[np.newaxis])))))
     assert answer["log_px_z"] == pytest.approx(untrained_elbo, rel=0.05)  # about 545 nats, untrained
-    shown = read_png(io.BytesIO(__import__("base64").b64decode(answer["input"].split(",")[1])).getvalue())
-    np.testing.assert_array_equal(shown, x.numpy()[0, ..., 0] * 255)
+    np.testing.assert_array_equal(read_png_url(answer["input"]), x.numpy()[0, ..., 0] * 255)
 
 
 def test_any_picture_is_cropped_and_resized_as_a_folders(served, tmp_path):
@@ -212,3 +212,32 @@ def test_explore_py_refuses_what_it_cannot_serve(run, tmp_path, capsys, monkeypa
     code, stderr = run_main(explore.main, ["--out-dir", run, "--port", "70000"], "explore.py", capsys,
                             monkeypatch)
     assert_one_line_error(stderr, "explore.py", "argument --port", 2, code)
+
+
+def test_a_colour_model_of_four_dimensions_on_its_principal_plane():
+    tf.keras.utils.set_random_seed(1)
+    settings = train_settings("--latent-dim", "4")
+    settings.likelihood, settings.image_shape, settings.class_names = "logistic", [16, 16, 3], ["a", "b"]
+    model = export.new_model(settings)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 40).astype(np.uint8)
+    explorer = explore.Explorer(model, settings, images, labels, epoch=0)
+    info = json.loads(explorer.info(b"", {})[1])
+    axes = np.array(info["axes"])
+    means = model.encode(dataset.scale_8bit(images))[0].numpy()
+    np.testing.assert_allclose(axes.T @ axes, np.eye(4), atol=1e-5)  # principal axes: orthonormal
+    coordinates = (means - np.array(info["centre"])) @ axes
+    np.testing.assert_allclose(info["points"], coordinates[:, :2], atol=2e-3)
+    assert info["pca"] and np.all(np.diff(np.var(coordinates, axis=0)) <= 1e-9)  # the widest first
+    kind, body = explorer.decode(json.dumps({"z": [0.1, 0.2, 0.3, 0.4]}).encode(), {})
+    medians = explore.to_pixels(model.decode(tf.constant([[0.1, 0.2, 0.3, 0.4]]), True))[0]
+    assert kind == "image/png" and read_png(body).shape == (16, 16, 3)
+    np.testing.assert_array_equal(read_png(body), medians)
+    answer = json.loads(explorer.encode(png(images[0]), {})[1])
+    assert len(answer["coords"]) == 4 and len(answer["draws"][0]) == 2
+    assert read_png_url(answer["input"]).shape == (16, 16, 3)
+
+
+def read_png_url(url: str) -> np.ndarray:
+    return read_png(base64.b64decode(url.split(",", 1)[1]))
