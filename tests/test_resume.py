@@ -34,7 +34,7 @@ from conftest import (
 import train
 
 EPOCHS = 3
-TINY = dict(num_train=1600, num_test=64)  # 50 steps an epoch: long enough to stop inside one
+TINY = dict(num_train=1600, num_test=64)  # 50 steps an epoch (at batch 16, 100: two compiled calls)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,44 @@ def test_sigint_and_sigterm_stop_cleanly_and_resume(tmp_path, data, reference, s
     result = run_script("train.py", "--out-dir", out, "--resume", "--data", data)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(out, reference)
+
+
+MID_EPOCH = ["--batch-size", "16", "--epochs", "2"]  # 100 steps an epoch: two compiled calls of 50
+
+
+@pytest.fixture(scope="module")
+def two_calls_an_epoch(tmp_path_factory, data) -> Path:
+    """A run never stopped, of two compiled calls of train_step an epoch."""
+    out = tmp_path_factory.mktemp("two_calls")
+    result = run_script("train.py", "--data", data, "--out-dir", out, *MID_EPOCH)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_ctrl_c_inside_an_epoch_stops_it_after_the_call_and_resumes_the_same(tmp_path, data,
+                                                                             two_calls_an_epoch):
+    out = tmp_path / "run"
+    result = run_script("tests/signal_in_a_step_call.py", "3", "1", "--data", data, "--out-dir", out,
+                        *MID_EPOCH)  # the 3rd call: epoch 2's first
+    assert result.returncode == 130
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    assert "stopped by SIGINT during epoch 2 (step 50 of 100); epochs up to 1 are saved" in lines[0]
+    assert [int(row[0]) for row in metrics(out)] == [0, 1] and not list(out.glob(".*tmp*"))
+    result = run_script("train.py", "--out-dir", out, "--resume", "--data", data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, two_calls_an_epoch)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_the_epochs_before_kept(tmp_path, data):
+    out = tmp_path / "run"
+    result = run_script("tests/signal_in_a_step_call.py", "3", "2", "--data", data, "--out-dir", out,
+                        *MID_EPOCH)
+    assert result.returncode == 130
+    assert stderr_lines(result.stderr)[-1] == "train.py: interrupted" and "Traceback" not in result.stderr
+    assert [int(row[0]) for row in metrics(out)] == [0, 1] and not list(out.glob(".*tmp*"))
+    assert sorted(path.name for path in (out / "checkpoints").glob("ckpt-*.index")) == [
+        "ckpt-0.index", "ckpt-1.index"]
 
 
 def test_resuming_a_finished_run_says_so(tmp_path, reference):
