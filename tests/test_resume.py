@@ -379,6 +379,22 @@ def test_a_write_that_fails_mid_run_stops_in_one_line_and_resumes(tmp_path, refe
     assert [int(row[0]) for row in metrics(out)] == list(range(EPOCHS + 2))
 
 
+def test_a_disk_full_during_a_checkpoint_stops_in_one_line_and_resumes_the_same(tmp_path, data, reference):
+    """On any machine (the test below needs a file system of its own): the checkpoint of
+    epoch 2 fails half written, as on a full disk."""
+    out = tmp_path / "run"
+    result = run_script("tests/disk_full_at.py", "2", *train_args(data, out))
+    assert result.returncode == 1
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    assert f"cannot write the run in {out} (" in lines[0] and "No space left on device); " in lines[0]
+    assert "epochs up to 1 are saved" in lines[0] and f"--out-dir {out} --resume" in lines[0]
+    assert not list((out / "checkpoints").glob("*_temp"))  # the checkpoint it cut short
+    result = run_script("train.py", "--out-dir", out, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, reference)
+
+
 @pytest.fixture
 def small_disk(tmp_path) -> Path:
     """A 3 MiB file system (tmpfs), where this machine lets a test mount one."""
