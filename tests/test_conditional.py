@@ -77,7 +77,9 @@ def test_evaluate_reports_log_p_x_given_y_log_p_x_and_the_accuracy(conditional_r
     # log p(x) = log sum_y p(y) p(x|y) >= log p(y_true) + log p(x|y_true), so the gap is at
     # most -log p(y_true), about ln 10; and at least 0 where the true class is the likeliest.
     assert -1 < given - marginal < np.log(10) + 1, (given, marginal)
-    assert 0 <= report["accuracy"] <= 1 and "accuracy" in capsys.readouterr().out
+    correct = report["accuracy"] * report["test_images"]  # a count of the test images
+    assert correct == pytest.approx(round(correct), abs=1e-6) and 0 <= round(correct) <= report["test_images"]
+    assert f"{report['accuracy']:.4f}" in capsys.readouterr().out
     assert (out / "analogies.png").is_file() and not (out / "interpolation.png").exists()
 
 

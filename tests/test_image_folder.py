@@ -79,8 +79,8 @@ def test_a_folder_of_class_folders_is_the_data(photos):
     assert again.fingerprint == data.fingerprint
     np.testing.assert_array_equal(again.train[0], x_train)
     other_seed = dataset.load_data(str(photos), folder=image_folder.Settings((16, 16), None, 0.25, 2))
-    assert not np.array_equal(np.sort(other_seed.test[1]), np.sort(y_test)) or \
-        other_seed.fingerprint != data.fingerprint
+    # Another seed draws other test images (6 of 24: the same 6 by chance, 1 in 134,596).
+    assert {image.tobytes() for image in other_seed.test[0]} != {image.tobytes() for image in x_test}
 
 
 def test_a_second_load_maps_the_cache_and_decodes_nothing(photos, monkeypatch):
