@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_one_line_error, make_mnist_arrays, run_main, run_script
+from conftest import ROOT, assert_one_line_error, make_mnist_arrays, run_main, run_script
 
 import dataset
 import evaluate
@@ -328,3 +329,21 @@ def test_a_stopped_evaluation_goes_on_from_its_last_batch(model, images, tmp_pat
             if k == 4:
                 assert again == whole
         assert len(calls) == computed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows lacks")
+def test_ctrl_c_ends_a_long_evaluation_in_one_line(trained_run):
+    out, _ = trained_run
+    command = [sys.executable, str(ROOT / "evaluate.py"), "--out-dir", str(out), "--iw-samples", "20000"]
+    process = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while "Evaluating" not in (line := process.stdout.readline()):
+            assert line, process.stderr.read()[-2000:]
+        time.sleep(2)  # into the IWAE bound's first batches
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "evaluate.py: interrupted"
+    assert "Traceback" not in stderr and not list(out.glob(".*.tmp.*"))  # no file left half written
+    (out / ".evaluation-kept.npz").unlink(missing_ok=True)  # another test's evaluation starts afresh
