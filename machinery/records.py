@@ -137,7 +137,9 @@ class EpochProgress:
             if not math.isfinite(loss):
                 raise cli.ScriptError(
                     f"the loss is {loss} at epoch {self.epoch}, step {step}: training diverged; "
-                    f"the checkpoint of epoch {self.epoch - 1} in {self.out_dir} is intact", exit_code=1)
+                    f"the checkpoint of epoch {self.epoch - 1} in {self.out_dir} is intact. Try a new "
+                    f"run with a lower --learning-rate, or --kl analytic (a KL term without a "
+                    f"sample's noise)", exit_code=1)
             batch = min(self.batch_size, self.num_images - (step - 1) * self.batch_size)
             self.loss_sum += loss * batch
             self.seen += batch

@@ -207,6 +207,7 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path
     assert result.returncode == 1
     lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and "the loss is nan at epoch 1, step" in lines[0], lines
+    assert "Try a new run with a lower --learning-rate, or --kl analytic" in lines[0]
     kept = tf.train.load_checkpoint(str(out / "checkpoints" / "ckpt-0"))  # the untrained model's, whole
     assert kept.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 0
     assert all(np.isfinite(kept.get_tensor(name)).all() for name in kept.get_variable_to_shape_map()
