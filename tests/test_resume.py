@@ -302,6 +302,22 @@ def edit_config(run: Path, **settings) -> None:
     (run / "config.json").write_text(json.dumps({**config, **settings}))
 
 
+def test_overwrite_replaces_the_runs_outputs_and_keeps_the_users_files(tmp_path, data, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "notes.txt").write_text("my notes\n")
+    (run / "mine").mkdir()
+    (run / "mine" / "cvae.gif").write_bytes(b"a picture of mine")  # a run's name, in a folder of the user's
+    result = run_script("train.py", *train_args(data, run)[:-2], "--epochs", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "notes.txt").read_text() == "my notes\n"
+    assert (run / "mine" / "cvae.gif").read_bytes() == b"a picture of mine"
+    assert [int(row[0]) for row in metrics(run)] == [0, 1]  # the new run's, not the old one's
+    assert not (run / f"image_at_epoch_{EPOCHS:04d}.png").exists()  # the old run's last grid
+    assert sorted(path.name for path in (run / "checkpoints").glob("*.index")) == ["ckpt-0.index",
+                                                                                   "ckpt-1.index"]
+
+
 def test_a_run_with_an_older_config_resumes_with_the_later_settings_defaults(tmp_path, data, reference):
     run = tmp_path / "older"
     shutil.copytree(reference, run)
