@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,3 +316,18 @@ def test_ctrl_c_ends_a_long_evaluation_in_one_line(trained_run):
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "evaluate.py: interrupted"
     assert "Traceback" not in stderr and not list(out.glob(".*.tmp.*"))  # no file left half written
     (out / ".evaluation-kept.npz").unlink(missing_ok=True)  # another test's evaluation starts afresh
+
+
+def test_evaluate_takes_a_moved_data_file_a_test_size_and_a_seed(trained_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(export.read_settings(out).data, moved)
+    elbos = []
+    for seed in (1, 1, 2):
+        evaluate.main(["--out-dir", str(out), "--data", str(moved), "--test-size", "16", "--seed", str(seed),
+                       "--iw-samples", "2"])
+        report = json.loads((out / "evaluation.json").read_text())
+        assert (report["data"], report["test_images"], report["seed"]) == (str(moved), 16, seed)
+        elbos.append(report["elbo"]["mean"])
+    assert elbos[0] == elbos[1] != elbos[2]  # a seed repeats the draws of z; another draws others
