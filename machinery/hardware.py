@@ -21,9 +21,8 @@ BF16_COMPUTE_CAPABILITY = (8, 0)  # NVIDIA GPUs with bfloat16 maths: Ampere (A10
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     """The CPU's feature flags: /proc/cpuinfo on Linux, sysctl on macOS; None where unknown."""
-    cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
             if line.startswith(("flags", "Features")):  # x86, Arm

@@ -4,6 +4,7 @@ float32, and a device's errors (out of memory, cuDNN) said as what they are."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from machinery import cli, faults, hardware
 
@@ -124,9 +125,18 @@ def test_the_instruction_sets_are_named(monkeypatch):
     assert hardware.describe_cpu().endswith("(AVX2, AVX-512, AVX-512 BF16, bfloat16 maths)")
 
 
-def test_this_machines_flags_are_read():
-    flags = hardware.cpu_flags()
-    assert flags is None or all(flag == flag.lower() for flag in flags)
+def test_the_flags_of_linuxs_cpuinfo_are_read(tmp_path):
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu SSE2 avx2 avx512f avx512_bf16\n"
+                   "bugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd40\n")
+    assert hardware.cpu_flags(x86) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}  # the first CPU's
+    assert hardware.cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    (tmp_path / "none").write_text("processor\t: 0\n")
+    assert hardware.cpu_flags(tmp_path / "none") is None
+    if Path("/proc/cpuinfo").is_file():  # Linux, as CI: this machine's flags, read
+        flags = hardware.cpu_flags()
+        assert flags and ("sse2" in flags or "fp" in flags or "asimd" in flags), flags
 
 
 @pytest.mark.parametrize("emulated", [True, False])
