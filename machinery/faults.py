@@ -39,7 +39,8 @@ def _cause(error: Exception) -> str:
     text = lines[aborted[-1]].split("aborted by:")[-1] if aborted else lines[0]
     if aborted and text.endswith(":") and aborted[-1] + 1 < len(lines):
         text += " " + lines[aborted[-1] + 1]  # the task it names
-    return text.split("}} ")[-1].replace(" [Op:SaveV2]", "").strip()[:200]
+    text = text.split("}} ")[-1].replace(" [Op:SaveV2]", "").strip()
+    return text if len(text) <= 200 else "..." + text[-197:]  # a long path's end, and the reason after it
 
 
 def interrupted(error: Exception, out_dir: Path, checkpoint_dir: Path) -> cli.ScriptError:

@@ -23,13 +23,15 @@ import network, train
 images = tf.constant((np.random.default_rng(0).random((39, 28, 28, 1)) < 0.3).astype(np.float32))
 mirrored = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 tf.keras.utils.set_random_seed(7)
-initial = network.CVAE(2).get_weights()
+initials = {classes: network.CVAE(2, num_classes=classes).get_weights() for classes in (0, 10)}
+labels = np.random.default_rng(1).integers(0, 10, 39)  # a conditional model's, with their images
 report = {"replicas": mirrored.num_replicas_in_sync}
-for optimizer_name in ("sgd", "adam"):
+for optimizer_name, classes in (("sgd", 0), ("adam", 0), ("adam", 10)):
+    initial = initials[classes]
     results = {}
     for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
         with strategy.scope():
-            model = network.CVAE(2)
+            model = network.CVAE(2, num_classes=classes)
             optimizer = (tf.keras.optimizers.SGD(1e-4) if optimizer_name == "sgd"
                          else tf.keras.optimizers.Adam(1e-3))
             optimizer.build(model.trainable_variables)
@@ -38,11 +40,11 @@ for optimizer_name in ("sgd", "adam"):
                                                  tf.random.Generator.from_seed(3), strategy=strategy)
         # 39 images: a full batch, then 7 split 3 and 4; then 33: a last batch of one image,
         # one replica's batch empty.
-        losses = np.concatenate([train_steps(batches) for count in (39, 33)
-                                 for batches in steps.batches(images[:count], 32)])
+        losses = np.concatenate([train_steps(batches) for count in (39, 33) for batches in steps.batches(
+            images[:count], 32, labels=labels[:count] if classes else None)])
         results[name] = (losses, [np.asarray(w) for w in model.get_weights()])
     (loss_1, weights_1), (loss_2, weights_2) = results["single"], results["mirrored"]
-    report[optimizer_name] = {
+    report[f"{optimizer_name}, {classes} classes"] = {
         "losses": loss_1.tolist(),
         "loss_diff": float(np.max(np.abs(loss_1 - loss_2))),
         "weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(weights_1, weights_2)),
@@ -59,12 +61,12 @@ def test_a_mirrored_step_is_the_single_device_step(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.split("REPORT ", 1)[1])
     assert report["replicas"] == 2
-    for optimizer in ("sgd", "adam"):
+    for optimizer in ("sgd, 0 classes", "adam, 0 classes", "adam, 10 classes"):
         figures = report[optimizer]
         assert all(np.isfinite(figures["losses"]))
         assert figures["weight_change"] > 1e-4  # the steps did move the weights
         assert figures["loss_diff"] < 1e-5 * max(abs(loss) for loss in figures["losses"])
-        assert figures["weight_diff"] < 1e-5, figures
+        assert figures["weight_diff"] < 1e-5, (optimizer, figures)
 
 
 def test_a_short_mirrored_run_trains_and_saves_once(tmp_path, tiny_npz):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from machinery import faults
 from machinery.settings import RunSettings
 
 import numpy as np
@@ -413,6 +414,15 @@ def test_a_disk_full_during_a_checkpoint_stops_in_one_line_and_resumes_the_same(
     result = run_script("train.py", "--out-dir", out, "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(out, reference)
+
+
+def test_a_long_paths_cause_keeps_its_reason():
+    # A deep run folder's checkpoint path once took the 200 characters, and "No space left
+    # on device" with them (the test below failed so in CI's longer temporary folders).
+    path = "/tmp/" + "deep/" * 40 + "ckpt-3_temp/part-00000-of-00001.data-00000-of-00001.tempstate123"
+    error = tf.errors.ResourceExhaustedError(None, None, f"{path}; No space left on device [Op:SaveV2]")
+    cause = faults._cause(error)
+    assert len(cause) == 200 and cause.endswith("tempstate123; No space left on device"), cause
 
 
 @pytest.fixture
