@@ -10,9 +10,12 @@ from machinery import cli, faults, hardware
 
 import pytest
 import tensorflow as tf
-from conftest import assert_one_line_error, run_main
+from conftest import assert_one_line_error, run_main, stderr_lines
 
 import evaluate
+import export
+import generate
+import network
 import train
 
 
@@ -103,13 +106,39 @@ def test_running_out_of_memory_ends_a_run_in_one_line(tiny_npz, tmp_path, capsys
     assert "train with a smaller --batch-size" in stderr and "no epoch is saved yet" in stderr
 
 
-def test_running_out_of_memory_ends_other_scripts_in_one_line(tmp_path, capsys, monkeypatch):
-    def out_of_memory(argv):
-        raise OUT_OF_MEMORY
+@pytest.mark.parametrize("stop, exit_code, line", [(OUT_OF_MEMORY, 1, ": error: the GPU ran out of memory"),
+                                                 (KeyboardInterrupt(), 130, ": interrupted")],
+                         ids=["out of memory", "Ctrl-C"])
+def test_the_other_scripts_end_in_one_line_on_running_out_of_memory_or_ctrl_c(
+        stop, exit_code, line, tiny_npz, tmp_path, capsys, monkeypatch):
+    """evaluate.py, generate.py and export.py, each stopped inside its own work on a real
+    run: one line, the exit code, and the run folder as it was."""
+    out = tmp_path / "run"
+    code, stderr = run_main(train.main, ["--data", tiny_npz, "--out-dir", out, "--epochs", "0"], "train.py",
+                            capsys, monkeypatch)
+    assert code is None, stderr
 
-    code, stderr = run_main(out_of_memory, [], "evaluate.py", capsys, monkeypatch)
-    assert_one_line_error(stderr, "evaluate.py", "the GPU ran out of memory", 1, code)
-    assert cli.run and evaluate.main  # the scripts' own main() go through cli.run the same way
+    def stopped(*args, **kwargs):
+        raise stop
+
+    before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    stops = {"evaluate.py": (evaluate, "evaluate_run", evaluate.main),
+             "generate.py": (network.CVAE, "sample", generate.main),
+             "export.py": (export, "savedmodel_archive", export.main)}
+    for script, (owner, name, main) in stops.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, stopped)
+            code, stderr = run_main(main, ["--out-dir", out, *(["--data", tiny_npz] if script == "evaluate.py"
+                                                               else [])], script, capsys, monkeypatch)
+        lines = stderr_lines(stderr)
+        assert (code, len(lines)) == (exit_code, 1) and lines[0].startswith(script + line), lines
+        assert "Traceback" not in stderr
+    after = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    assert after.keys() == before.keys()  # no file left half written
+    # All as it was but cvae.keras, which export.py wrote whole before its SavedModel was stopped.
+    assert {name: time for name, time in after.items() if name != "cvae.keras"} == {
+        name: time for name, time in before.items() if name != "cvae.keras"}
+    assert network.load_model(out).latent_dim == 2
 
 
 def test_a_refused_write_says_another_program_may_hold_the_file_on_windows(tmp_path, monkeypatch):
