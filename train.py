@@ -123,7 +123,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
     the 4x4 grid, the metrics and a checkpoint before training and after every epoch; return
     the metrics. The images are uint8, prepared a batch at a time (dataset.preprocess); the
     labels are the classes a conditional model is given."""
-    epochs, batch_size, seed, kl = settings.epochs, settings.batch_size, settings.seed, settings.kl  # the tutorial's names
+    # The tutorial's names for the settings the loop reads.
+    epochs, batch_size, seed, kl = settings.epochs, settings.batch_size, settings.seed, settings.kl
     test_labels = np.zeros(len(test_images), np.uint8) if test_labels is None else test_labels
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)  # in a multi-worker run, only the chief writes files
