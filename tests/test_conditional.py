@@ -90,6 +90,13 @@ def test_generate_draws_the_class_asked_for(conditional_run, capsys, monkeypatch
     model = network.load_model(out)
     expected = model.sample(generate.pictures.prior_draws(6, 2, 0), tf.fill([6], 7)).numpy()
     np.testing.assert_allclose(np.load(out / "generated.npy"), expected, atol=1e-6)
+    # At points given (no draws of generate.py's own to repeat): the decoder's images of class 7.
+    generate.main(["--out-dir", str(out), "--label", "7", "--z", "0.5,-0.5", "--z", "-1,1", "--npy"])
+    z, sevens = tf.constant([[0.5, -0.5], [-1.0, 1.0]]), tf.fill([2], 7)
+    drawn = np.load(out / "generated.npy")
+    np.testing.assert_allclose(drawn, tf.sigmoid(model.decoder(tf.concat(
+        [z, tf.one_hot(sevens, 10)], axis=1))).numpy(), atol=1e-6)
+    assert not np.allclose(drawn, model.sample(z, tf.fill([2], 3)).numpy(), atol=1e-3)  # not a 3's
     code, stderr = run_main(generate.main, ["--out-dir", out, "--label", "ten"], "generate.py",
                             capsys, monkeypatch)
     assert_one_line_error(stderr, "generate.py", "--label ten: the model's classes are 0 to 9", 2, code)
