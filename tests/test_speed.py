@@ -193,3 +193,14 @@ def test_setup_shards_sets_the_threads_or_falls_back(when, requested):
 
 def test_the_default_is_one_shard_under_a_strategy():
     assert speed.setup_shards(None, "mirrored") == 1  # each replica batch stays whole
+
+
+@pytest.mark.parametrize("cores, gpus, expected", [(1, [], 1), (2, [], 2), (16, [], 2), (16, ["GPU:0"], 1)])
+def test_the_default_shards_are_two_on_a_cpu_of_two_cores_or_more(cores, gpus, expected, monkeypatch):
+    """The rule as the README states it, case by case (the test above re-derives it)."""
+    monkeypatch.setattr(speed.distribute, "available_cores", lambda: cores)
+    monkeypatch.setattr(speed.tf.config, "list_physical_devices",
+                        lambda kind=None: gpus if kind == "GPU" else [])
+    for setter in ("set_inter_op_parallelism_threads", "set_intra_op_parallelism_threads"):
+        monkeypatch.setattr(speed.tf.config.threading, setter, lambda threads: None)
+    assert speed.setup_shards(None) == expected
