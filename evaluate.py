@@ -42,6 +42,7 @@ import pictures
 IW_SAMPLES = 100
 IWAE_IMAGES = 32  # test images a batch of the IWAE bound: what a stopped evaluation keeps
 KEPT_FILE = ".evaluation-kept.npz"  # in the run folder, until the evaluation is complete
+ACTIVE_VARIANCE = 0.01  # a latent dimension is active where its mean varies over x more than this
 # Decoded images per call of the IWAE bound for the tutorial's decoder: the K draws of a
 # batch are taken in chunks, so memory stays bounded whatever K is.
 DECODES_PER_CALL = 4096
@@ -119,6 +120,15 @@ def iwae_bound(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, y: tf.Tensor |
         weights = log_weights(model, x, padded, y)[:, :draws.shape[1]]
         total = tf.reduce_logsumexp(tf.concat([total, weights], axis=1), axis=1, keepdims=True)
     return (total[:, 0] - math.log(k)).numpy()
+
+
+def kl_health(means: np.ndarray, logvars: np.ndarray) -> dict:
+    """Each latent dimension's KL(q(z_j|x) || p(z_j)) in closed form, averaged over the test
+    images, and the active units: dimensions whose mean varies over the images by more than
+    ACTIVE_VARIANCE (Burda et al. 2016). None active is a posterior collapse."""
+    kl = 0.5 * (np.exp(logvars) + means**2 - 1 - logvars)
+    return {"kl_per_dimension": kl.mean(axis=0).round(4).tolist(),
+            "active_units": int(np.sum(np.var(means, axis=0) > ACTIVE_VARIANCE))}
 
 
 def mean_and_stderr(values: np.ndarray) -> dict:
@@ -205,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures = evaluate_run(model, test_images, iw_samples=args.iw_samples, kl=settings.kl,
                            seed=args.seed, kept=out_dir / KEPT_FILE, work=work, labels=test_labels,
                            class_prior=prior)
+    means, logvars = pictures.latent_posteriors(model, test_images, test_labels)
+    figures.update(kl_health(means, logvars))
     report = {"checkpoint": checkpoint_path, "epoch": epoch, "data": data.source,
               "dataset": settings.dataset, "test_images": len(test_images),
               "image_shape": settings.image_shape, "likelihood": settings.likelihood,
@@ -225,13 +237,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(line("log p(x|y), of the true class", figures["conditional_log_likelihood"]))
         print(f"  {'accuracy, argmax_y p(y) p(x|y)':38s} {figures['accuracy']:9.4f}")
     print("(nats per image; +- one standard error over the test images)")
+    per_dimension = ", ".join(f"{kl:.2f}" for kl in figures["kl_per_dimension"][:8])
+    print(f"  {'active latent dimensions (Var_x E[z] > 0.01)':38s} {figures['active_units']:9d} of "
+          f"{model.latent_dim}; KL per dimension (closed form): {per_dimension}"
+          f"{' ...' * (model.latent_dim > 8)}")
+    if figures["active_units"] == 0:
+        print("  Posterior collapse: no latent dimension is used; try --beta below 1 or --kl analytic")
     what = "binarized pixel" if settings.likelihood == "bernoulli" else "8-bit pixel channel"
     print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 
     pictures.save_reconstructions(model, test_images, out_dir / "reconstructions.png", noun,
                                   labels=test_labels)
     pictures.save_prior_samples(model, out_dir / "prior_samples.png", args.seed)
-    means = pictures.latent_means(model, test_images, test_labels)
     pictures.save_latent_space(means, test_labels, out_dir / "latent_space.png", names)
     shown = projector.write(files.ensure_out_dir(out_dir / "tensorboard"), means, test_labels, names,
                             test_images)

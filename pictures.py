@@ -158,13 +158,20 @@ def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> N
     save_figure(figure, path, bbox_inches="tight")
 
 
-def latent_means(model: CVAE, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-    """The encoder's means of `images` (given their classes, for a conditional model),
-    (N, latent_dim), ENCODE_BATCH images a call."""
+def latent_posteriors(model: CVAE, images: np.ndarray,
+                      labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's q(z|x) of `images` (given their classes, for a conditional model): means
+    and log-variances, (N, latent_dim) each, ENCODE_BATCH images a call."""
     batches = range(0, len(images), ENCODE_BATCH)
     y = [None if labels is None else labels[start:start + ENCODE_BATCH] for start in batches]
-    return np.concatenate([model.encode(images[start:start + ENCODE_BATCH], classes(model, part))[0].numpy()
-                           for start, part in zip(batches, y)])
+    parts = [model.encode(images[start:start + ENCODE_BATCH], classes(model, part))
+             for start, part in zip(batches, y)]
+    return tuple(np.concatenate([part[i].numpy() for part in parts]) for i in (0, 1))
+
+
+def latent_means(model: CVAE, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """The encoder's means of `images`, (N, latent_dim)."""
+    return latent_posteriors(model, images, labels)[0]
 
 
 def principal_axes(means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

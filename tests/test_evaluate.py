@@ -186,9 +186,14 @@ def test_evaluate_writes_a_complete_report(trained_run):
     test_images = dataset.load_run_data(settings, settings.data, check=True).test[0]
     mean, logvar = (part.numpy().astype(np.float64) for part in
                     network.load_model(out).encode(dataset.binarize(test_images)))
-    kl = 0.5 * np.sum(np.exp(logvar) + mean**2 - 1 - logvar, axis=1)
+    kl_per_dimension = 0.5 * (np.exp(logvar) + mean**2 - 1 - logvar)
+    kl = kl_per_dimension.sum(axis=1)
     assert report["kl"]["mean"] == pytest.approx(kl.mean(), rel=1e-4)
     assert report["kl"]["stderr"] == pytest.approx(kl.std(ddof=1) / np.sqrt(len(kl)), rel=1e-3)
+    # KL health: each dimension's share of it, and the active units (Burda et al. 2016).
+    np.testing.assert_allclose(report["kl_per_dimension"], kl_per_dimension.mean(axis=0), atol=1e-4)
+    assert report["active_units"] == int(np.sum(np.var(mean, axis=0) > 0.01))
+    assert f"{report['active_units']:9d} of 3; KL per dimension" in result.stdout
     assert "IWAE bound with K = 20" in result.stdout
 
 
