@@ -67,11 +67,11 @@ def build_parser() -> cli.ArgumentParser:
 
 
 @tf.function
-def elbo_parts(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str,
-               y: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def elbo_parts(model: network.CVAE, x: tf.Tensor, eps: tf.Tensor, kl: str, y: tf.Tensor | None = None,
+               posterior: tuple | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Each image's ELBO, log p(x|z) and KL term, log q(z|x) - log p(z), from one draw z
-    (noise eps); with --kl analytic, the KL in closed form."""
-    logpx_z, logpz, logqz_x = network.elbo_terms(model, x, eps, kl, y)
+    (noise eps); with --kl analytic, the KL in closed form. (posterior: as elbo_terms'.)"""
+    logpx_z, logpz, logqz_x = network.elbo_terms(model, x, eps, kl, y, posterior)
     return logpx_z + logpz - logqz_x, logpx_z, logqz_x - logpz
 
 

@@ -130,11 +130,13 @@ class Explorer:
             raise BadRequest(f"cannot decode the image ({str(error).split(': ', 1)[-1]})") from None
         x = dataset.preprocess(pixels[np.newaxis], self.model.likelihood)
         y = self.label(query.get("label"))
-        mean, logvar = (part.numpy()[0] for part in self.model.encode(x, y))
+        posterior = self.model.encode(x, y)
+        mean, logvar = (part.numpy()[0] for part in posterior)
         eps = tf.random.normal((ELBO_DRAWS, self.model.latent_dim))
-        copies = tf.repeat(x, ELBO_DRAWS, axis=0), None if y is None else tf.repeat(y, ELBO_DRAWS)
+        # The draws are a batch of copies of x that share its one encoding.
+        copies = [None if t is None else tf.repeat(t, ELBO_DRAWS, axis=0) for t in (x, y, *posterior)]
         elbo, logpx_z, kl = (float(tf.reduce_mean(part)) for part in evaluate.elbo_parts(
-            self.model, copies[0], eps, self.settings.kl, copies[1]))
+            self.model, copies[0], eps, self.settings.kl, copies[1], posterior=tuple(copies[2:])))
         draws = mean + np.exp(logvar / 2) * eps.numpy()[:SHOWN_DRAWS]
         plane = self.axes[:, :2]
         covariance = plane.T @ (np.exp(logvar)[:, np.newaxis] * plane)  # q(z|x) seen on the plane

@@ -141,7 +141,8 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
     test_dataset = dataset.make_batches((test_images, test_labels),
                                         dataset.eval_batch_size(model.image_shape))
     # For latent_dim 2, each epoch also draws where the test images' means lie (latent_means.gif).
-    frame_x, frame_y = prepare(test_images[:pictures.FRAME_POINTS]), test_labels[:pictures.FRAME_POINTS]
+    frame_y = test_labels[:pictures.FRAME_POINTS]
+    frame_x = prepare(test_images[:pictures.FRAME_POINTS]) if model.latent_dim == 2 else None
 
     def save_pictures(epoch: int) -> None:
         """The tutorial's 4x4 grid; for latent_dim 2, a frame of latent_means.gif too."""
