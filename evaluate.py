@@ -43,6 +43,9 @@ IW_SAMPLES = 100
 IWAE_IMAGES = 32  # test images a batch of the IWAE bound: what a stopped evaluation keeps
 KEPT_FILE = ".evaluation-kept.npz"  # in the run folder, until the evaluation is complete
 ACTIVE_VARIANCE = 0.01  # a latent dimension is active where its mean varies over x more than this
+POSTERIOR_COLLAPSE = ("Posterior collapse: no latent dimension is used (its mean does not vary "
+                      "with x); try a KL warm-up (--kl-warmup 5), a cyclical KL weight "
+                      "(--kl-cycle 2.5) or --beta below 1")
 # Decoded images per call of the IWAE bound for the tutorial's decoder: the K draws of a
 # batch are taken in chunks, so memory stays bounded whatever K is.
 DECODES_PER_CALL = 4096
@@ -242,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{model.latent_dim}; KL per dimension (closed form): {per_dimension}"
           f"{' ...' * (model.latent_dim > 8)}")
     if figures["active_units"] == 0:
-        print("  Posterior collapse: no latent dimension is used; try --beta below 1 or --kl analytic")
+        print(f"  {POSTERIOR_COLLAPSE}")
     what = "binarized pixel" if settings.likelihood == "bernoulli" else "8-bit pixel channel"
     print(f"  {'-log2 p(x) per ' + what:38s} {figures['bits_per_dim']['mean']:9.4f} bits/dim")
 

@@ -4,7 +4,7 @@ every picture here shares; and evaluate.py's pictures of a trained model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,13 +158,16 @@ def save_prior_samples(model: CVAE, path: Path, seed: int, count: int = 64) -> N
     save_figure(figure, path, bbox_inches="tight")
 
 
-def latent_posteriors(model: CVAE, images: np.ndarray,
-                      labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def latent_posteriors(model: CVAE, images: np.ndarray, labels: np.ndarray | None = None,
+                      prepare: Callable[[np.ndarray], tf.Tensor] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """The encoder's q(z|x) of `images` (given their classes, for a conditional model): means
-    and log-variances, (N, latent_dim) each, ENCODE_BATCH images a call."""
+    and log-variances, (N, latent_dim) each, ENCODE_BATCH images a call. `prepare` turns stored
+    images into the model's input, a call's at a time (default: `images` are the input)."""
+    prepare = prepare or tf.convert_to_tensor
     batches = range(0, len(images), ENCODE_BATCH)
     y = [None if labels is None else labels[start:start + ENCODE_BATCH] for start in batches]
-    parts = [model.encode(images[start:start + ENCODE_BATCH], classes(model, part))
+    parts = [model.encode(prepare(images[start:start + ENCODE_BATCH]), classes(model, part))
              for start, part in zip(batches, y)]
     return tuple(np.concatenate([part[i].numpy() for part in parts]) for i in (0, 1))
 

@@ -17,13 +17,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, distribute, faults, files, launch, records, run_folder, speed, steps
+from machinery import cli, distribute, faults, files, launch, records, references, run_folder, speed, steps
 from machinery.settings import RunSettings
 
 import numpy as np
 import tensorflow as tf
 
 import dataset
+import evaluate
 import export
 import network
 import pictures
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=cli.non_negative_float, default=RunSettings.beta,
                         help="weight of the KL term in the training loss (a beta-VAE); the test "
                              "ELBO and evaluate.py's figures are the ELBO itself, B = 1")
+    parser.add_argument("--kl-warmup", type=cli.non_negative_float, default=RunSettings.kl_warmup,
+                        metavar="EPOCHS", help="a KL warm-up: the KL term's weight rises linearly "
+                                               "from 0 to --beta over the first EPOCHS epochs "
+                                               "(Bowman et al. 2016); 0: none")
+    parser.add_argument("--kl-cycle", type=cli.non_negative_float, default=RunSettings.kl_cycle,
+                        metavar="EPOCHS", help="a cyclical KL weight: in every cycle of EPOCHS epochs "
+                                               "it rises from 0 to --beta over the first half, then "
+                                               "holds (Fu et al. 2019); 0: none")
     parser.add_argument("--precision", choices=tuple(network.PRECISIONS), default=RunSettings.precision,
                         help="bf16: Keras mixed_bfloat16 for the hidden layers (faster where the "
                              "hardware has bfloat16 maths), with the loss and sampling in float32")
@@ -100,6 +109,18 @@ def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers
     return loss
 
 
+def kl_weight(step: tf.Tensor, settings: RunSettings, steps_per_epoch: int) -> tf.Tensor:
+    """The KL term's weight at a training step (0 the first) under --kl-warmup or --kl-cycle:
+    rising linearly from 0 to --beta over the warm-up, or over the first half of each cycle."""
+    step = tf.cast(step, tf.float32)
+    if settings.kl_warmup:
+        rise = step / (settings.kl_warmup * steps_per_epoch)
+    else:
+        cycle = settings.kl_cycle * steps_per_epoch
+        rise = tf.math.floormod(step, cycle) / (cycle / 2)
+    return settings.beta * tf.minimum(1.0, rise)
+
+
 def test_set_elbo(test_loss: steps.CompiledLoss, test_dataset: tf.data.Dataset) -> float:
     """Minus compute_loss over the test set: each batch's mean weighted by its size, so
     that it is the mean over every image (the tutorial averages the batch means)."""
@@ -133,9 +154,16 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
                              sample_size=pictures.NUM_EXAMPLES_TO_GENERATE)
     # Speed, around the tutorial's train_step (as nanoGPT's torch.compile): one compiled call
     # runs it on 50 batches, each on the replicas, its noise drawn from the run's seed.
-    train_steps = steps.compiled_train_steps(
-        functools.partial(train_step, kl=kl, beta=settings.beta, shards=shards),
-        model, optimizer, state.rng, strategy=strategy, prepare=prepare)
+    step = functools.partial(train_step, kl=kl, beta=settings.beta, shards=shards)
+    if settings.kl_warmup or settings.kl_cycle:  # the KL term's weight follows the step count
+        steps_per_epoch = -(-len(train_images) // batch_size)
+
+        def step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
+                 eps: tf.Tensor | None = None, y: tf.Tensor | None = None) -> tf.Tensor:
+            beta = kl_weight(optimizer.iterations, settings, steps_per_epoch)
+            return train_step(model, x, optimizer, eps, y, kl=kl, beta=beta, shards=shards)
+    train_steps = steps.compiled_train_steps(step, model, optimizer, state.rng, strategy=strategy,
+                                             prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
                                     state.rng, shards, prepare)
     test_dataset = dataset.make_batches((test_images, test_labels),
@@ -143,6 +171,15 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
     # For latent_dim 2, each epoch also draws where the test images' means lie (latent_means.gif).
     frame_y = test_labels[:pictures.FRAME_POINTS]
     frame_x = prepare(test_images[:pictures.FRAME_POINTS]) if model.latent_dim == 2 else None
+
+    def kl_health(epoch: int) -> dict:
+        """The test images' KL per latent dimension and active units, for metrics.csv and
+        TensorBoard; a posterior collapse (no dimension active) is said when training meets it."""
+        health = evaluate.kl_health(*pictures.latent_posteriors(model, test_images, test_labels, prepare))
+        if epoch > 0 and health["active_units"] == 0 and not any(
+                row["epoch"] > 0 and row.get("active_units") == 0 for row in epoch_records.metrics):
+            print(evaluate.POSTERIOR_COLLAPSE)
+        return health
 
     def save_pictures(epoch: int) -> None:
         """The tutorial's 4x4 grid; for latent_dim 2, a frame of latent_means.gif too."""
@@ -156,11 +193,12 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
     epoch_records = records.EpochRecords(out_dir, chief, done)
     if done is None:
-        elbo = test_set_elbo(test_loss, test_dataset)
+        elbo, health = test_set_elbo(test_loss, test_dataset), kl_health(0)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         if chief:
             save_pictures(0)
-        epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)}, pictures.grid_path(out_dir, 0))
+        epoch_records.write(0, {"epoch": 0, "test_elbo": round(elbo, 4)}, pictures.grid_path(out_dir, 0),
+                            health=health)
         state.save(0)
         done = 0
 
@@ -182,14 +220,14 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
                 raise stop.stopped(f"during epoch {epoch} (step {progress.seen // batch_size} of "
                                    f"{progress.steps})", epoch - 1, out_dir)
 
-            elbo = test_set_elbo(test_loss, test_dataset)
+            elbo, health = test_set_elbo(test_loss, test_dataset), kl_health(epoch)
             seconds = end_time - start_time
             print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {progress.mean_loss:.2f}, "
                   f"time for the epoch {seconds:.1f} s ({progress.seen / seconds:,.0f} images/s)")
             if chief:
                 save_pictures(epoch)
             epoch_records.write(epoch, progress.row(elbo, seconds), pictures.grid_path(out_dir, epoch),
-                                progress.loss_points)
+                                progress.loss_points, health)
             state.save(epoch)  # last: the checkpoint marks the epoch complete
             if stop.signal and epoch < epochs:
                 raise stop.stopped(f"after epoch {epoch}", epoch, out_dir)
@@ -224,21 +262,35 @@ def save_final_outputs(model: network.CVAE, run: run_folder.Run) -> None:
           f"{pictures.noun(settings.class_names)} from them)")
 
 
+def where_it_stands(settings: RunSettings, last: dict) -> str:
+    """The run's last line: at its last epoch, its test ELBO, KL and active latent dimensions,
+    and what its recipe gives in docs/results.md where that has a row for it."""
+    line = f"At epoch {last['epoch']}: test ELBO {last['test_elbo']:.2f}"
+    if last.get("active_units") is not None:
+        line += (f", KL {last['test_kl']:.2f} nats, {last['active_units']:.0f} of {settings.latent_dim} "
+                 f"latent dimensions active")
+    reference = references.reference_line(settings)
+    return line + (f"; {reference}" if reference else "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = cli.explicit_flags(parser, argv)  # the flags typed: --resume checks them
     dataset.refuse_two_sources(args, given)  # --dataset typed, and $CVAE_DATA set
+    if args.kl_warmup and args.kl_cycle:
+        raise cli.UserError("--kl-warmup and --kl-cycle are two schedules of the KL weight: choose one")
     with launch.training(args, given, dataset.load_run_data, export.SETTING_CHOICES,
                          test_images_needed=pictures.NUM_EXAMPLES_TO_GENERATE) as (run, devices):
         with devices.strategy.scope():  # the variables live on the strategy's devices
             model = export.new_model(run.settings)  # network.CVAE with the run's settings
             optimizer = tf.keras.optimizers.Adam(run.settings.learning_rate)
-        fit(model, optimizer, run.settings, run.train_images, run.test_images, out_dir=run.out_dir,
+        metrics = fit(model, optimizer, run.settings, run.train_images, run.test_images, out_dir=run.out_dir,
             resume_from=run.resume_from, strategy=devices.strategy, shards=devices.shards,
             train_labels=run.train_labels, test_labels=run.test_labels)
         if devices.chief:
             save_final_outputs(model, run)
+            print(where_it_stands(run.settings, metrics[-1]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import tensorflow as tf
 
 KEEP_CHECKPOINTS = 3
 LOG_EVERY_STEPS = 50  # how often the train loss goes to TensorBoard
-METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second")  # metrics.csv
+# metrics.csv's columns: test_kl and active_units are the test images' KL health (evaluate.kl_health).
+METRIC_FIELDS = ("epoch", "train_loss", "test_elbo", "seconds", "images_per_second", "test_kl",
+                 "active_units")
 
 
 def save_metrics(rows: list[dict], path: Path) -> None:
@@ -88,8 +90,8 @@ class RunState:
 
 
 class EpochRecords:
-    """metrics.csv, a row an epoch, and TensorBoard: the test ELBO, the epoch's time, the
-    train loss every LOG_EVERY_STEPS steps and the sample grid. Only the `chief` writes."""
+    """metrics.csv, a row an epoch, and TensorBoard: the test ELBO, the KL health, the epoch's
+    time, the train loss every LOG_EVERY_STEPS steps and the sample grid. Only the `chief` writes."""
 
     def __init__(self, out_dir: Path, chief: bool = True, done: int | None = None) -> None:
         """`done`: the epoch a resumed run restored, whose rows of metrics.csv it keeps."""
@@ -99,9 +101,14 @@ class EpochRecords:
         self.tensorboard = (tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief
                             else tf.summary.create_noop_writer())
 
-    def write(self, epoch: int, row: dict, grid: Path, loss_points: list[tuple[int, float]] = ()) -> None:
-        """The epoch's row, its loss points and its `grid` (a PNG, drawn already).
-        The loss points wait until the epoch is complete, so that a stopped one logs none."""
+    def write(self, epoch: int, row: dict, grid: Path, loss_points: list[tuple[int, float]] = (),
+              health: dict | None = None) -> None:
+        """The epoch's row, its loss points, its `grid` (a PNG, drawn already) and its KL
+        `health` (kl_per_dimension, active_units). The loss points wait until the epoch is
+        complete, so that a stopped one logs none."""
+        kl_per_dimension = (health or {}).get("kl_per_dimension", [])
+        if health:
+            row = {**row, "test_kl": round(sum(kl_per_dimension), 4), "active_units": health["active_units"]}
         self.metrics.append(row)
         if not self.chief:
             return
@@ -110,6 +117,11 @@ class EpochRecords:
                 tf.summary.scalar("train/loss", loss)
         with self.tensorboard.as_default(step=epoch):
             tf.summary.scalar("test/elbo", row["test_elbo"])
+            if health:  # the closed-form KL of the test images, in all and per latent dimension
+                tf.summary.scalar("test/kl", row["test_kl"])
+                tf.summary.scalar("test/active_units", row["active_units"])
+                for dimension, kl in enumerate(kl_per_dimension):
+                    tf.summary.scalar(f"kl_per_dimension/z{dimension:02d}", kl)
             if row.get("seconds"):
                 tf.summary.scalar("epoch/seconds", row["seconds"])
                 tf.summary.scalar("epoch/images_per_second", row["images_per_second"])

@@ -49,6 +49,8 @@ class RunSettings:
     test_fraction: float = setting(image_folder.DEFAULT_TEST_FRACTION)
     beta: float = setting(1.0)
     conditional: bool = setting(False)
+    kl_warmup: float = setting(0.0)  # epochs; 0: the KL term's weight is --beta from the start
+    kl_cycle: float = setting(0.0)
     # Found when the run starts: where its data was read (it may move since), the data's
     # fingerprint, its class names and image shape (the model's; MNIST's before other images).
     data: str | None = setting(None, fixed=False, required=True)

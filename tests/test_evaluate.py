@@ -12,7 +12,7 @@ import sys
 import time
 import types
 
-from machinery import resumable
+from machinery import records, resumable
 
 import imageio.v3 as iio
 import numpy as np
@@ -208,15 +208,29 @@ def test_evaluate_draws_every_picture(trained_run):
 
 def test_tensorboard_logs_hold_the_expected_tags(trained_run):
     out, _ = trained_run
-    tags = {}
+    tags, scalars = {}, {}
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(events)):
             for value in event.summary.value:
                 tags.setdefault(value.tag, set()).add(event.step)
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars[value.tag, event.step] = float(tf.make_ndarray(value.tensor))
     assert tags["test/elbo"] == {0, 1, 2}
     assert tags["samples"] == {0, 1, 2}
     assert tags["epoch/seconds"] == {1, 2}
     assert tags["train/loss"] == {8, 16}  # the last step of each 8-step epoch
+    # The KL health by epoch: at the last one, what evaluate.py finds on the same checkpoint.
+    for tag in ("test/kl", "test/active_units", "kl_per_dimension/z00", "kl_per_dimension/z02"):
+        assert tags[tag] == {0, 1, 2}, tag
+    assert "kl_per_dimension/z03" not in tags  # latent_dim 3
+    report = json.loads((out / "evaluation.json").read_text())
+    for dimension, kl in enumerate(report["kl_per_dimension"]):
+        assert scalars[f"kl_per_dimension/z{dimension:02d}", 2] == pytest.approx(kl, abs=1e-3)
+    assert scalars["test/kl", 2] == pytest.approx(sum(report["kl_per_dimension"]), abs=1e-3)
+    assert scalars["test/active_units", 2] == report["active_units"]
+    last = records.read_metrics(out / "metrics.csv")[-1]
+    assert last["test_kl"] == pytest.approx(scalars["test/kl", 2], abs=1e-3)
+    assert last["active_units"] == report["active_units"]
 
 
 def test_tensorboard_projector_files_hold_the_latent_means(trained_run):
