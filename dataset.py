@@ -26,7 +26,7 @@ import network
 import pictures
 
 DATA_ENV_VAR = "CVAE_DATA"
-SEED = 42  # train.py's default --seed, which also draws a folder's test split
+SEED = 42  # train.py's default --seed
 LEVELS_8BIT = np.arange(256, dtype=np.float32) / 255.  # a pixel's value for the logistic likelihood
 INSPECTED = 10_000  # images of a split that python dataset.py looks at pixel by pixel
 EVAL_BATCH_SIZE = 1000  # 28x28 test images a batch of the test ELBO (its noise is drawn a batch at a time)
@@ -100,7 +100,7 @@ def load_data(
     if path is not None and not Path(path).exists():
         raise UserError(f"{path}: no such file or folder")
     if path is not None and Path(path).is_dir() and image_folder.is_image_folder(Path(path)):
-        arrays = image_folder.load(Path(path), folder, expected)
+        arrays = image_folder.load(Path(path), folder, expected, (train_size, test_size))
     elif folder.image_size or folder.channels:
         raise UserError("--image-size and --channels are for a folder of images; "
                         f"{source} is not one")
@@ -118,10 +118,7 @@ def load_data(
             labels = labels[:, 0]
         data_files.check_split(images, labels, f"{source}: {split} split", len(class_names))
         if size is not None:
-            if size > len(images):
-                raise UserError(
-                    f"--{split}-size {size} is larger than the {len(images)} {split} images in {source}"
-                )
+            data_files.check_size(split, size, len(images), source)
             images, labels = images[:size], labels[:size]
         splits.append((images, labels.astype(np.uint8)))
     train_shape, test_shape = (data_files.image_shape(images) for images, _ in splits)
@@ -229,7 +226,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--likelihood", choices=network.LIKELIHOODS, default=None,
                         help="show the images as this p(x|z) takes them: binarized (bernoulli) "
                              "or 8-bit (logistic) (default: bernoulli for grey, logistic for colour)")
-    parser.add_argument("--seed", type=cli.seed_int, default=SEED, help="the seed of a folder's split")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="batch size for the batches-per-epoch count")
     parser.add_argument("--out-dir", default="output", help="folder for the preview PNG")

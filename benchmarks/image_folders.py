@@ -1,9 +1,11 @@
 """Folders of image files for trying and timing --data FOLDER.
 
+    python benchmarks/image_folders.py photos PHOTOS       # scikit-image's 11 photographs
     python benchmarks/image_folders.py crops PHOTOS OUT    # classes of crops cut from photos
     python benchmarks/image_folders.py synthetic OUT --count 50000 --size 64
 
-crops: for every photo in PHOTOS, a class folder of crops of mixed sizes, saved as PNG
+photos: the photographs that ship with scikit-image (pip install scikit-image; public domain
+or CC0), as PNG files; crops: for every photo in PHOTOS, a class folder of crops of mixed sizes, saved as PNG
 (some with an alpha channel), JPEG or grey PNG, and a stray text file; synthetic: smooth
 random colour images of one size, as PNG, to time the decoding of many files.
 """
@@ -17,6 +19,19 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "brick", "grass",
+                  "gravel", "stereo_motorcycle", "retina", "immunohistochemistry")
+
+
+def photos(out: Path) -> None:
+    """scikit-image's photographs, a PNG each (the motorcycle: the left image of its stereo pair)."""
+    import skimage.data  # only here: a benchmark's dependency, not the project's
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SKIMAGE_PHOTOS:
+        image = getattr(skimage.data, name)()
+        Image.fromarray(image[0] if name == "stereo_motorcycle" else image).save(out / f"{name}.png")
 
 
 def crops(photos: Path, out: Path, per_class: int, seed: int) -> None:
@@ -64,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True)
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=int, default=0, help="seed for the crops or the images")
+    photo_parser = kinds.add_parser("photos", help="scikit-image's photographs, as PNG files")
+    photo_parser.add_argument("out", type=Path, help="the folder to make")
     crop_parser = kinds.add_parser("crops", help="classes of crops cut from photos", parents=[seed])
     crop_parser.add_argument("photos", type=Path, help="a folder of photos (PNG or JPEG)")
     crop_parser.add_argument("out", type=Path, help="the folder to make")
@@ -73,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     many.add_argument("--count", type=int, default=50_000, help="how many images")
     many.add_argument("--size", type=int, default=64, help="their side, in pixels")
     args = parser.parse_args(argv)
-    if args.kind == "crops":
+    if args.kind == "photos":
+        photos(args.out)
+    elif args.kind == "crops":
         crops(args.photos, args.out, args.per_class, args.seed)
     else:
         synthetic(args.out, args.count, args.size, args.seed)

@@ -8,9 +8,10 @@ import gzip
 import hashlib
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
-from machinery import cli, image_folder
+from machinery import cli
 from machinery.cli import UserError
 
 import numpy as np
@@ -91,12 +92,29 @@ def with_channels(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), *image_shape(images))
 
 
+def image_shape_problem(shape: Sequence[int]) -> str | None:
+    """Why the CVAE cannot take images of `shape` (height, width, channels); None if it can."""
+    height, width, channels = shape
+    if height % 4 or width % 4 or min(height, width) < 8:
+        return (f"images of {height}x{width} pixels: the CVAE needs sides that are multiples "
+                f"of 4, at least 8 (its decoder doubles a quarter-size start twice)")
+    if channels not in (1, 3):
+        return f"images of {channels} channels: the CVAE draws 1 (grey) or 3 (colour)"
+    return None
+
+
+def check_size(split: str, size: int | None, available: int, source: str) -> None:
+    """Refuse a --train-size or --test-size (`size`, of the `split`) larger than the images there."""
+    if size is not None and size > available:
+        raise UserError(f"--{split}-size {size} is larger than the {available} {split} images in {source}")
+
+
 def check_split(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> None:
     """One clear line for images or labels that the model cannot take."""
     if images.ndim not in (3, 4):
         raise UserError(f"{where}: images have shape {images.shape}, expected (N, H, W) or "
                         f"(N, H, W, C)")
-    if problem := image_folder.image_shape_problem(image_shape(images)):
+    if problem := image_shape_problem(image_shape(images)):
         raise UserError(f"{where}: {problem}")
     if images.dtype != np.uint8:
         raise UserError(f"{where}: images are {images.dtype}, expected uint8 pixels 0..255")

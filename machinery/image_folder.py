@@ -12,10 +12,10 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
-from machinery import cli, image_decoding
+from machinery import cli, data_files, image_decoding
 from machinery.cli import UserError
 
 import numpy as np
@@ -25,6 +25,7 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # those Keras' loa
 GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow's modes without colour
 MAX_CLASSES = 100  # class subfolders; more is more likely a flat folder of folders
 DEFAULT_TEST_FRACTION = 0.1
+SPLIT_SEED = 42  # --split-seed's default: the runs of every --seed share one test set (and cache)
 SPLIT_STREAM = 30  # the random stream of the split, apart from the seed's other uses
 
 
@@ -36,7 +37,7 @@ class Settings:
     image_size: tuple[int, int] | None = None
     channels: int | None = None
     test_fraction: float = DEFAULT_TEST_FRACTION
-    seed: int = 0
+    seed: int = 0  # of the split and of each split's order
 
 
 @dataclasses.dataclass
@@ -49,19 +50,9 @@ class Listing:
     left_out: list[str]  # files that are not images (by extension), as Keras leaves them out
 
 
-def image_shape_problem(shape: Sequence[int]) -> str | None:
-    """Why the CVAE cannot take images of `shape` (height, width, channels); None if it can."""
-    height, width, channels = shape
-    if height % 4 or width % 4 or min(height, width) < 8:
-        return (f"images of {height}x{width} pixels: the CVAE needs sides that are multiples "
-                f"of 4, at least 8 (its decoder doubles a quarter-size start twice)")
-    if channels not in (1, 3):
-        return f"images of {channels} channels: the CVAE draws 1 (grey) or 3 (colour)"
-    return None
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """--image-size, --channels and --test-fraction: how a folder's files become arrays."""
+    """--image-size, --channels, --test-fraction and --split-seed: how a folder's files
+    become arrays."""
     parser.add_argument("--image-size", type=image_size, default=None, metavar="N or H,W",
                         help="centre-crop and resize a folder's images to N x N (or H x W), sides "
                              "multiples of 4 (default: the size they all have)")
@@ -69,8 +60,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="grey (1) or colour (3) for a folder's images (default: 3 if any "
                              "image has colour, else 1)")
     parser.add_argument("--test-fraction", type=cli.fraction, default=DEFAULT_TEST_FRACTION,
-                        help="share of a folder's images held out for testing, drawn with --seed "
-                             "(unless the folder has train/ and test/ folders)")
+                        help="share of a folder's images held out for testing, drawn with "
+                             "--split-seed (unless the folder has train/ and test/ folders)")
+    parser.add_argument("--split-seed", type=cli.seed_int, default=SPLIT_SEED,
+                        help="seed of a folder's test split and of its images' order, apart from "
+                             "--seed: runs of any --seed share one test set")
 
 
 def image_size(text: str) -> list[int]:
@@ -82,16 +76,18 @@ def image_size(text: str) -> list[int]:
     if len(sides) not in (1, 2):
         raise argparse.ArgumentTypeError(f"{text!r} is not N or H,W (whole numbers of pixels)")
     height, width = sides * 2 if len(sides) == 1 else sides
-    if problem := image_shape_problem((height, width, 1)):
+    if problem := data_files.image_shape_problem((height, width, 1)):
         raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return [height, width]
 
 
 def settings(given: argparse.Namespace | dict) -> Settings:
-    """The Settings that flags, or a run's config.json, ask for."""
+    """The Settings that flags, or a run's config.json, ask for. A run made before
+    --split-seed drew its split with its --seed."""
     get = given.get if isinstance(given, dict) else lambda key: getattr(given, key, None)
+    split_seed = get("split_seed") if get("split_seed") is not None else get("seed")
     return Settings(tuple(get("image_size")) if get("image_size") else None, get("channels"),
-                    get("test_fraction") or DEFAULT_TEST_FRACTION, get("seed") or 0)
+                    get("test_fraction") or DEFAULT_TEST_FRACTION, split_seed or 0)
 
 
 def report_lines(report: dict) -> list[str]:
@@ -185,11 +181,12 @@ def list_images(folder: Path, settings: Settings) -> Listing:
 
 
 def _describe(path: Path) -> tuple[str, tuple[int, int], str]:
-    """The file's SHA-256, its size (width, height) and Pillow's mode, from its header."""
+    """The file's SHA-256, its size (width, height) as shown (a photo turned upright by its
+    EXIF orientation) and Pillow's mode, from its header."""
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            return hashlib.sha256(data).hexdigest(), image.size, image.mode
+            return hashlib.sha256(data).hexdigest(), image_decoding.upright_size(image), image.mode
     except image_decoding.UNREADABLE as error:
         raise UserError(f"{path}: cannot read it as an image ({cli.first_line(error)})") from None
 
@@ -213,16 +210,21 @@ class Changed(UserError):
     """The folder's fingerprint is not the one expected (a run's): found before decoding."""
 
 
-def load(folder: Path, settings: Settings, expected: str | None = None) -> dict:
+def load(folder: Path, settings: Settings, expected: str | None = None,
+         sizes: tuple[int | None, int | None] = (None, None)) -> dict:
     """The folder as arrays: x_train, y_train, x_test, y_test (uint8, images memory-mapped
-    from the cache), with class_names, fingerprint and a report of what was found."""
+    from the cache), with class_names, fingerprint and a report of what was found. `sizes`,
+    the --train-size and --test-size asked for, are checked before anything is decoded."""
     folder = folder.resolve()  # its name (a flat folder's class) as config.json records it
     listing = list_images(folder, settings)
+    for split, size, available in zip(("train", "test"), sizes,
+                                      (listing.num_train, len(listing.files) - listing.num_train)):
+        data_files.check_size(split, size, available, str(folder))
     # The headers are parsed in Python, which holds the GIL: one thread is the faster.
     described = image_decoding.in_parallel(_describe, listing.files, "file", workers=1)
     digests, sizes, modes = zip(*described)
     (height, width), channels = _settle_shape(folder, list(sizes), modes, settings)
-    if settings.image_size is None and (problem := image_shape_problem((height, width, channels))):
+    if settings.image_size is None and (problem := data_files.image_shape_problem((height, width, channels))):
         raise UserError(f"{folder}: {problem}; pass --image-size N to resize them")
     # The fingerprint: every file's name and bytes, in split order, and how they are decoded.
     digest = hashlib.sha256(json.dumps([height, width, channels, listing.split,

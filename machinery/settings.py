@@ -12,7 +12,7 @@ import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from machinery import cli, files, image_folder
+from machinery import cli, data_files, files, image_folder
 
 CONFIG_FILE = "config.json"
 
@@ -51,6 +51,7 @@ class RunSettings:
     conditional: bool = setting(False)
     kl_warmup: float = setting(0.0)  # epochs; 0: the KL term's weight is --beta from the start
     kl_cycle: float = setting(0.0)
+    split_seed: int | None = setting(None)  # a folder's split (the flag's 42); None: an older run's, --seed
     # Found when the run starts: where its data was read (it may move since), the data's
     # fingerprint, its class names and image shape (the model's; MNIST's before other images).
     data: str | None = setting(None, fixed=False, required=True)
@@ -110,7 +111,7 @@ def load_settings(out_dir: Path, choices: Mapping[str, Collection[str]]) -> RunS
     shape = settings.image_shape
     if len(shape) != 3:
         raise cli.UserError(f"{path} is damaged: image_shape {shape!r} is not (height, width, channels)")
-    if problem := image_folder.image_shape_problem(shape):
+    if problem := data_files.image_shape_problem(shape):
         raise cli.UserError(f"{path} is damaged: image_shape {shape!r}: {problem}")
     return settings
 

@@ -92,7 +92,7 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
 
 @pytest.mark.parametrize("script, flags", [
     ("dataset.py", ["--data", "--dataset", "--image-size", "--channels", "--test-fraction",
-                    "--likelihood", "--seed", "--batch-size", "--out-dir"]),
+                    "--split-seed", "--likelihood", "--batch-size", "--out-dir"]),
     ("network.py", ["--latent-dim", "--filters", "--likelihood", "--batch-size", "--from"]),
     ("export.py", ["--out-dir"]),
     ("evaluate.py", ["--out-dir", "--iw-samples", "--test-size", "--data", "--seed"]),
@@ -102,7 +102,7 @@ def test_a_bf16_run_trains_records_its_precision_and_evaluates(tiny_npz, tmp_pat
                   "--likelihood", "--kl", "--conditional", "--beta", "--kl-warmup", "--kl-cycle",
                   "--precision",
                   "--seed", "--data", "--dataset", "--image-size", "--channels", "--test-fraction",
-                  "--train-size", "--test-size", "--out-dir",
+                  "--split-seed", "--train-size", "--test-size", "--out-dir",
                   "--resume", "--overwrite", "--strategy", "--devices", "--shards"]),
     ("benchmarks/benchmark.py", ["--data", "--dataset", "--train-size", "--repeats", "--steps",
                                  "--batch-size", "--iw-samples", "--variants", "--out-dir"]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from machinery import cli, settings
+from machinery import cli, image_folder, settings
 from machinery.settings import RunSettings
 
 import pytest
@@ -28,9 +28,10 @@ def test_every_flag_setting_is_a_train_flag_with_the_settings_default():
             assert field.name not in flags, field.name
             continue
         assert field.name in flags, field.name
-        if field.default is not dataclasses.MISSING and field.name != "likelihood":  # None: the data's
+        # The exceptions: likelihood's None is the data's; split_seed's None, an older run's --seed.
+        if field.default is not dataclasses.MISSING and field.name not in ("likelihood", "split_seed"):
             assert flags[field.name] == field.default, field.name
-    assert flags["likelihood"] is None
+    assert flags["likelihood"] is None and flags["split_seed"] == image_folder.SPLIT_SEED
     recipe = train_settings()
     assert (recipe.epochs, recipe.batch_size, recipe.latent_dim, recipe.learning_rate) == (10, 32, 2, 1e-4)
 
