@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
-from machinery import cli, distribute, faults, hardware, run_folder, speed
+from machinery import cli, distribute, faults, hardware, references, run_folder, speed
 
 import tensorflow as tf
 
@@ -49,9 +49,15 @@ def training(args: argparse.Namespace, given: set[str], read_data: run_folder.Da
             print(warning)
         for line in run.data_report:
             print(f"Data: {line}")
-        if run.settings.beta != 1:
-            print(f"The training loss weighs the KL term by --beta {run.settings.beta:g}; the test "
-                  f"ELBO is the ELBO itself (B = 1)")
+        settings = run.settings
+        if settings.beta != 1 or settings.kl_warmup or settings.kl_cycle:
+            schedule = (f", rising from 0 over the first {settings.kl_warmup:g} epochs" if settings.kl_warmup
+                        else f", rising from 0 in each cycle of {settings.kl_cycle:g} epochs"
+                        if settings.kl_cycle else "")
+            print(f"The training loss weighs the KL term by --beta {settings.beta:g}{schedule}; the "
+                  f"test ELBO is the ELBO itself (B = 1)")
+        if advice := references.advice(settings):
+            print(advice)
         print(f"Training on {len(run.train_images):,} images, testing on {len(run.test_images):,}; "
               f"writing to {out_dir}/")
         # The same seed must give the same run: the weights start from it, and deterministic

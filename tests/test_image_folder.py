@@ -209,6 +209,7 @@ def test_a_folder_from_the_data_to_every_script(tmp_path, capsys, monkeypatch):
     assert config["class_names"] == ["cats", "dogs"] and config["image_shape"] == [16, 16, 3]
     assert config["image_size"] == [16, 16] and config["likelihood"] == "logistic"
     assert "draws images from them" in trained.stdout
+    assert "Images of 16x16x3 in a latent space of 2" in trained.stdout  # what to expect, what to try
     evaluate.main(["--out-dir", str(run), "--iw-samples", "4"])  # in this process, as generate below
     bits = json.loads((run / "evaluation.json").read_text())["bits_per_dim"]["mean"]
     assert 0 < bits < 8
