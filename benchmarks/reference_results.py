@@ -8,6 +8,7 @@ train.py quotes at a run's end.
     python benchmarks/reference_results.py fashion-mnist --data /usr/share/datasets/fashion-mnist
     python benchmarks/reference_results.py colour-folder --data photos   # see docs/results.md
     python benchmarks/reference_results.py --list                        # the recipes and their flags
+    python benchmarks/reference_results.py --table                       # docs/results.md's tables
 
 A run already evaluated in --work is read, not run again: a stopped benchmark goes on.
 """
@@ -128,6 +129,29 @@ def summary(name: str, recipe: Recipe, runs: list[dict], iw_samples: int) -> dic
             "tensorflow": tf.__version__, "date": datetime.date.today().isoformat()}
 
 
+def tables(results: dict) -> str:
+    """docs/results.md's tables, in Markdown, from the saved rows."""
+    lines = ["| recipe | seeds | test ELBO | log p(x) >= | KL | active units | bits/dim | train min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results.values():
+        last, bound = row["test_elbo_by_epoch"][-1], row["iwae_log_likelihood"]
+        flags = " ".join(row["flags"]) or "(the defaults)"
+        lines.append(f"| {row['recipe']}: `{flags}` | {len(row['seeds'])} | "
+                     f"{last['mean']:.2f} +- {last['sd']:.2f} | {bound['mean']:.2f} +- {bound['sd']:.2f} | "
+                     f"{row['kl']['mean']:.2f} | {row['active_units']['mean']:g} | "
+                     f"{row['bits_per_dim']['mean']:.4f} | {row['train_minutes']['mean']:.1f} |")
+    lines += ["", "Measured on: " + "; ".join(sorted({row["machine"] for row in results.values()}))]
+    for row in results.values():
+        if len(row["seeds"]) > 1:  # the test ELBO at every epoch, where there is a spread
+            epochs = row["test_elbo_by_epoch"]
+            lines += ["", f"{row['recipe']}, test ELBO by epoch (mean +- sd over seeds {row['seeds']}):",
+                      "", "| epoch | " + " | ".join(str(epoch) for epoch in range(len(epochs))) + " |",
+                      "| --- |" + " --- |" * len(epochs),
+                      "| test ELBO | " + " | ".join(f"{e['mean']:.2f} +- {e['sd']:.2f}" for e in epochs)
+                      + " |"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -145,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=None,
                         help="to try it quickly: train.py's --train-size")
     parser.add_argument("--list", action="store_true", help="list the recipes and their flags")
+    parser.add_argument("--table", action="store_true",
+                        help="print the saved rows as docs/results.md's tables")
     args = parser.parse_args(argv)
+    if args.table:
+        print(tables(json.loads(args.results.read_text())))
+        return
     if args.list or not args.recipe:
         for name, recipe in RECIPES.items():
             print(f"{name:24s} {len(recipe.seeds)} seed(s)  train.py {' '.join(recipe.flags)}")
