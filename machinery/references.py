@@ -12,8 +12,9 @@ from machinery.settings import RunSettings
 
 RESULTS_FILE = Path(__file__).with_name("reference_results.json")
 # What may differ between a run and its recipe's reference: the seed, how far it trained, where
-# its data was read (the data itself is its fingerprint, data_sha256), and the names that come with it.
-NOT_COMPARED = ("epochs", "seed", "data", "class_names")
+# its data was read, and what comes with the data (its fingerprint, data_sha256, covers a folder's
+# split and the class names).
+NOT_COMPARED = ("epochs", "seed", "data", "class_names", "split_seed")
 
 
 def comparable(settings: dict) -> dict:
