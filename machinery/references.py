@@ -54,7 +54,11 @@ def advice(settings: RunSettings, path: Path = RESULTS_FILE) -> str | None:
         return None
     rows = json.loads(path.read_text()) if path.is_file() else {}
     recipe, tutorial = rows.get("colour-folder"), rows.get("colour-folder-tutorial")
-    flags = " ".join(recipe["flags"]) if recipe else "--latent-dim 32 --learning-rate 1e-3 --epochs 30"
+    flags = recipe["flags"] if recipe else ["--latent-dim", "32", "--learning-rate", "1e-3", "--epochs", "30"]
+    if "--image-size" in flags:  # the run's own size, not the reference folder's
+        at = flags.index("--image-size")
+        flags = flags[:at] + flags[at + 2:]
+    flags = " ".join(flags)
     measured = (f": on a colour folder at 32x32 it gave {recipe['bits_per_dim']['mean']:.2f} bits/dim, "
                 f"against {tutorial['bits_per_dim']['mean']:.2f} with latent 2 (docs/results.md)"
                 if recipe and tutorial else "")

@@ -208,7 +208,7 @@ def test_colour_or_larger_pictures_in_two_dimensions_are_told_what_to_expect(tmp
         settings = train_settings(*flags)
         settings.image_shape = shape
         assert references.advice(settings, tmp_path / "none.json") is None, flags
-    rows = {"colour-folder": {"flags": ["--latent-dim", "32", "--epochs", "60"],
+    rows = {"colour-folder": {"flags": ["--image-size", "32", "--latent-dim", "32", "--epochs", "60"],
                               "bits_per_dim": {"mean": 5.9}},
             "colour-folder-tutorial": {"flags": [], "bits_per_dim": {"mean": 6.43}}}
     (tmp_path / "rows.json").write_text(json.dumps(rows))
