@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
                eps: tf.Tensor | None = None, y: tf.Tensor | None = None, *, kl: str = "mc",
-               beta: float = 1., shards: int = 1) -> tf.Tensor:
+               beta: float | tf.Tensor = 1., shards: int = 1) -> tf.Tensor:
     """Executes one training step and returns the loss.
 
     This function computes the loss and gradients, and uses the latter to
@@ -154,14 +154,13 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
                              sample_size=pictures.NUM_EXAMPLES_TO_GENERATE)
     # Speed, around the tutorial's train_step (as nanoGPT's torch.compile): one compiled call
     # runs it on 50 batches, each on the replicas, its noise drawn from the run's seed.
-    step = functools.partial(train_step, kl=kl, beta=settings.beta, shards=shards)
-    if settings.kl_warmup or settings.kl_cycle:  # the KL term's weight follows the step count
-        steps_per_epoch = -(-len(train_images) // batch_size)
+    scheduled, steps_per_epoch = settings.kl_warmup or settings.kl_cycle, -(-len(train_images) // batch_size)
 
-        def step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
-                 eps: tf.Tensor | None = None, y: tf.Tensor | None = None) -> tf.Tensor:
-            beta = kl_weight(optimizer.iterations, settings, steps_per_epoch)
-            return train_step(model, x, optimizer, eps, y, kl=kl, beta=beta, shards=shards)
+    def step(model: network.CVAE, x: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer,
+             eps: tf.Tensor | None = None, y: tf.Tensor | None = None) -> tf.Tensor:
+        """train_step with the KL term's weight: --beta, or its schedule's at this step."""
+        beta = kl_weight(optimizer.iterations, settings, steps_per_epoch) if scheduled else settings.beta
+        return train_step(model, x, optimizer, eps, y, kl=kl, beta=beta, shards=shards)
     train_steps = steps.compiled_train_steps(step, model, optimizer, state.rng, strategy=strategy,
                                              prepare=prepare)
     test_loss = steps.compiled_loss(functools.partial(network.compute_loss, kl=kl), model,
@@ -171,15 +170,6 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
     # For latent_dim 2, each epoch also draws where the test images' means lie (latent_means.gif).
     frame_y = test_labels[:pictures.FRAME_POINTS]
     frame_x = prepare(test_images[:pictures.FRAME_POINTS]) if model.latent_dim == 2 else None
-
-    def kl_health(epoch: int) -> dict:
-        """The test images' KL per latent dimension and active units, for metrics.csv and
-        TensorBoard; a posterior collapse (no dimension active) is said when training meets it."""
-        health = evaluate.kl_health(*pictures.latent_posteriors(model, test_images, test_labels, prepare))
-        if epoch > 0 and health["active_units"] == 0 and not any(
-                row["epoch"] > 0 and row.get("active_units") == 0 for row in epoch_records.metrics):
-            print(evaluate.POSTERIOR_COLLAPSE)
-        return health
 
     def save_pictures(epoch: int) -> None:
         """The tutorial's 4x4 grid; for latent_dim 2, a frame of latent_means.gif too."""
@@ -192,8 +182,18 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
 
     done = state.resume(resume_from, epochs)  # the last complete epoch; None for a new run
     epoch_records = records.EpochRecords(out_dir, chief, done)
+
+    def test_set_kl_health(epoch: int) -> dict:
+        """The test images' KL per latent dimension and active units (evaluate.kl_health); a
+        posterior collapse (no dimension active) is said when training first meets it."""
+        health = evaluate.kl_health(*pictures.latent_posteriors(model, test_images, test_labels, prepare))
+        if epoch > 0 and health["active_units"] == 0 and not any(
+                row["epoch"] > 0 and row.get("active_units") == 0 for row in epoch_records.metrics):
+            print(evaluate.POSTERIOR_COLLAPSE)
+        return health
+
     if done is None:
-        elbo, health = test_set_elbo(test_loss, test_dataset), kl_health(0)
+        elbo, health = test_set_elbo(test_loss, test_dataset), test_set_kl_health(0)
         print(f"Epoch 0 (untrained): test ELBO {elbo:.2f}")
         if chief:
             save_pictures(0)
@@ -220,7 +220,7 @@ def fit(model: network.CVAE, optimizer: tf.keras.optimizers.Optimizer, settings:
                 raise stop.stopped(f"during epoch {epoch} (step {progress.seen // batch_size} of "
                                    f"{progress.steps})", epoch - 1, out_dir)
 
-            elbo, health = test_set_elbo(test_loss, test_dataset), kl_health(epoch)
+            elbo, health = test_set_elbo(test_loss, test_dataset), test_set_kl_health(epoch)
             seconds = end_time - start_time
             print(f"Epoch {epoch}/{epochs}: test ELBO {elbo:.2f}, train loss {progress.mean_loss:.2f}, "
                   f"time for the epoch {seconds:.1f} s ({progress.seen / seconds:,.0f} images/s)")
@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             train_labels=run.train_labels, test_labels=run.test_labels)
         if devices.chief:
             save_final_outputs(model, run)
-            print(where_it_stands(run.settings, metrics[-1]))
+            if metrics:  # (none where a finished run's metrics.csv was removed)
+                print(where_it_stands(run.settings, metrics[-1]))
 
 
 if __name__ == "__main__":

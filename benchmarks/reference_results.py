@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("recipe", nargs="?", choices=tuple(RECIPES), help="the recipe to measure")
     parser.add_argument("--data", default=None, help="train.py's --data (default: its own)")
-    parser.add_argument("--seeds", type=int, default=None, help="how many seeds (default: the recipe's)")
+    parser.add_argument("--seeds", type=int, choices=range(1, 101), metavar="N", default=None,
+                        help="how many seeds, from 42 on (default: the recipe's)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "reference",
                         help="where the runs go, a folder per recipe and seed")
     parser.add_argument("--results", type=Path, default=references.RESULTS_FILE,
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="print the saved rows as docs/results.md's tables")
     args = parser.parse_args(argv)
     if args.table:
+        if not args.results.is_file():
+            parser.error(f"--results {args.results}: no such file; run a recipe first")
         print(tables(json.loads(args.results.read_text())))
         return
     if args.list or not args.recipe:

@@ -1,7 +1,8 @@
 """Image files into pixels: Pillow decodes them on every core into a .npy file in the
 cache folder, which later runs on the same files and settings map into memory instead of
 decoding them again (an image's uint8 pixels stay on disk until a batch needs them). A
-checksum beside each cached file catches damage, which is decoded again."""
+checksum beside each cached file, checked by reading it whole when a run starts, catches
+damage, which is decoded again."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 CACHE_ENV_VAR = "CVAE_CACHE"
+# How files become pixels, in a folder's fingerprint: 2 since EXIF orientation and JPEG drafts, so
+# that a run decoded the older way is refused by --resume rather than trained on other pixels.
+DECODING_VERSION = 2
 WORKERS = os.cpu_count() or 1
 CHUNK = 250  # files a task: fewer tasks, less of the thread pool's overhead
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a photo is turned; 5 to 8 swap its sides
@@ -66,7 +70,7 @@ def decode(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             turned = upright_size(image) != image.size
-            image.draft("L" if channels == 1 else "RGB", size if turned else size[::-1])  # (width, height)
+            image.draft(None, size if turned else size[::-1])  # (width, height); its mode kept
             image.load()
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: its top 8 bits (convert clips)
@@ -110,6 +114,7 @@ def decoded(paths: Sequence[Path], fingerprint: str, size: tuple[int, int], chan
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of a file, read a chunk at a time (a cache file may be many GB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(chunk):

@@ -211,13 +211,13 @@ class Changed(UserError):
 
 
 def load(folder: Path, settings: Settings, expected: str | None = None,
-         sizes: tuple[int | None, int | None] = (None, None)) -> dict:
+         split_sizes: tuple[int | None, int | None] = (None, None)) -> dict:
     """The folder as arrays: x_train, y_train, x_test, y_test (uint8, images memory-mapped
-    from the cache), with class_names, fingerprint and a report of what was found. `sizes`,
-    the --train-size and --test-size asked for, are checked before anything is decoded."""
+    from the cache), with class_names, fingerprint and a report of what was found.
+    `split_sizes`, the --train-size and --test-size asked for, are checked before decoding."""
     folder = folder.resolve()  # its name (a flat folder's class) as config.json records it
     listing = list_images(folder, settings)
-    for split, size, available in zip(("train", "test"), sizes,
+    for split, size, available in zip(("train", "test"), split_sizes,
                                       (listing.num_train, len(listing.files) - listing.num_train)):
         data_files.check_size(split, size, available, str(folder))
     # The headers are parsed in Python, which holds the GIL: one thread is the faster.
@@ -227,8 +227,8 @@ def load(folder: Path, settings: Settings, expected: str | None = None,
     if settings.image_size is None and (problem := data_files.image_shape_problem((height, width, channels))):
         raise UserError(f"{folder}: {problem}; pass --image-size N to resize them")
     # The fingerprint: every file's name and bytes, in split order, and how they are decoded.
-    digest = hashlib.sha256(json.dumps([height, width, channels, listing.split,
-                                        listing.class_names]).encode())
+    digest = hashlib.sha256(json.dumps([height, width, channels, listing.split, listing.class_names,
+                                        image_decoding.DECODING_VERSION]).encode())
     for path, label, file_digest in zip(listing.files, listing.labels.tolist(), digests):
         digest.update(f"{path.relative_to(folder)}\0{label}\0{file_digest}\n".encode())
     fingerprint = digest.hexdigest()

@@ -1,6 +1,6 @@
 """The reference results that benchmarks/reference_results.py measured (docs/results.md): a
-recipe's test ELBO by epoch over several seeds, which train.py quotes at the end of a run of
-the same recipe, so that its user knows whether the run is typical."""
+recipe's test ELBO by epoch over its seeds, which train.py quotes at the end of a run of the
+same recipe, so that its user knows whether the run is typical."""
 
 from __future__ import annotations
 
@@ -41,9 +41,12 @@ def reference_line(settings: RunSettings, path: Path = RESULTS_FILE) -> str | No
     row = reference_for(settings, path)
     if row is None:
         return None
-    reference = row["test_elbo_by_epoch"][settings.epochs]
+    reference, seeds = row["test_elbo_by_epoch"][settings.epochs], len(row["seeds"])
+    if seeds == 1:
+        return (f"{row['title']} gives {reference['mean']:.2f} at epoch {settings.epochs} (one seed, "
+                f"docs/results.md)")
     return (f"{row['title']} gives {reference['mean']:.2f} +- {reference['sd']:.2f} at epoch "
-            f"{settings.epochs} (mean and sd over {len(row['seeds'])} seeds, docs/results.md)")
+            f"{settings.epochs} (mean and sd over {seeds} seeds, docs/results.md)")
 
 
 def advice(settings: RunSettings, path: Path = RESULTS_FILE) -> str | None:
@@ -54,14 +57,14 @@ def advice(settings: RunSettings, path: Path = RESULTS_FILE) -> str | None:
         return None
     rows = json.loads(path.read_text()) if path.is_file() else {}
     recipe, tutorial = rows.get("colour-folder"), rows.get("colour-folder-tutorial")
-    flags = recipe["flags"] if recipe else ["--latent-dim", "32", "--learning-rate", "1e-3", "--epochs", "30"]
+    start = (f"Images of {height}x{width}x{channels} in a latent space of 2 (the tutorial's, for MNIST): "
+             f"expect reconstructions that look alike, a blur of a few average pictures. ")
+    if not (recipe and tutorial):
+        return start + "For recognisable ones try a larger --latent-dim (docs/results.md)"
+    flags = recipe["flags"]
     if "--image-size" in flags:  # the run's own size, not the reference folder's
         at = flags.index("--image-size")
         flags = flags[:at] + flags[at + 2:]
-    flags = " ".join(flags)
-    measured = (f": on a colour folder at 32x32 it gave {recipe['bits_per_dim']['mean']:.2f} bits/dim, "
-                f"against {tutorial['bits_per_dim']['mean']:.2f} with latent 2 (docs/results.md)"
-                if recipe and tutorial else "")
-    return (f"Images of {height}x{width}x{channels} in a latent space of 2 (the tutorial's, for MNIST): "
-            f"expect reconstructions that look alike, blurred to the pictures' average colours. "
-            f"For recognisable ones try {flags}{measured}")
+    return (start + f"For recognisable ones try {' '.join(flags)}: on a colour folder at 32x32 it gave "
+            f"{recipe['bits_per_dim']['mean']:.2f} bits/dim, against {tutorial['bits_per_dim']['mean']:.2f} "
+            f"with latent 2 (docs/results.md)")

@@ -200,7 +200,7 @@ def test_colour_or_larger_pictures_in_two_dimensions_are_told_what_to_expect(tmp
     colour = train_settings()
     colour.image_shape = [32, 32, 3]
     line = references.advice(colour, tmp_path / "none.json")
-    assert line.startswith("Images of 32x32x3 in a latent space of 2") and "--latent-dim 32" in line
+    assert line.startswith("Images of 32x32x3 in a latent space of 2") and "a larger --latent-dim" in line
     larger = train_settings()
     larger.image_shape = [64, 64, 1]
     assert references.advice(larger, tmp_path / "none.json").startswith("Images of 64x64x1")

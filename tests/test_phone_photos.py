@@ -60,6 +60,12 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_size(tmp_
     with Image.open(path) as image:  # the whole photo, decoded in full, resized the same way
         whole = np.asarray(ImageOps.fit(image.convert("RGB"), (32, 32), Image.Resampling.BILINEAR))
     assert np.abs(drafted.astype(int) - whole).mean() < 3  # levels of 255: the same picture
+    # A JPEG under twice the size, grey from colour: decoded as before, in full and then made grey.
+    small.resize((30, 30), Image.Resampling.BICUBIC).save(tmp_path / "small.jpg", quality=92)
+    with Image.open(tmp_path / "small.jpg") as image:
+        expected = np.asarray(ImageOps.fit(image.convert("L"), (16, 16), Image.Resampling.BILINEAR))
+    grey = image_decoding.decode(tmp_path / "small.jpg", (16, 16), 1)
+    np.testing.assert_array_equal(grey[..., 0], expected)
     # A size it must not shrink under: 1/2 is the most, for a 1000-pixel side.
     fitted.clear()
     image_decoding.decode(path, (700, 1000), 3)
