@@ -130,14 +130,22 @@ def summary(name: str, recipe: Recipe, runs: list[dict], iw_samples: int) -> dic
 
 
 def tables(results: dict) -> str:
-    """docs/results.md's tables, in Markdown, from the saved rows."""
+    """docs/results.md's tables, in Markdown, from the saved rows (in RECIPES' order); a
+    spread where there are seeds to spread over."""
+    results = {name: results[name] for name in sorted(results, key=lambda name: list(RECIPES).index(name)
+                                                      if name in RECIPES else len(RECIPES))}
+
+    def figure(value: dict, row: dict) -> str:
+        spread = f" +- {value['sd']:.2f}" if len(row["seeds"]) > 1 else ""
+        return f"{value['mean']:.2f}{spread}"
+
     lines = ["| recipe | seeds | test ELBO | log p(x) >= | KL | active units | bits/dim | train min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results.values():
         last, bound = row["test_elbo_by_epoch"][-1], row["iwae_log_likelihood"]
         flags = " ".join(row["flags"]) or "(the defaults)"
-        lines.append(f"| {row['recipe']}: `{flags}` | {len(row['seeds'])} | "
-                     f"{last['mean']:.2f} +- {last['sd']:.2f} | {bound['mean']:.2f} +- {bound['sd']:.2f} | "
+        lines.append(f"| {row['recipe']}: `{flags}` | {len(row['seeds'])} | {figure(last, row)} | "
+                     f"{figure(bound, row)} | "
                      f"{row['kl']['mean']:.2f} | {row['active_units']['mean']:g} | "
                      f"{row['bits_per_dim']['mean']:.4f} | {row['train_minutes']['mean']:.1f} |")
     lines += ["", "Measured on: " + "; ".join(sorted({row["machine"] for row in results.values()}))]

@@ -176,7 +176,7 @@ def test_the_reference_benchmark_runs_a_recipe_as_a_user_would(tmp_path, capsys)
 
     reference_results.main(["--table", "--results", str(results)])
     last = row["test_elbo_by_epoch"][-1]["mean"]
-    assert f"| tutorial: `(the defaults)` | 1 | {last:.2f} +- 0.00 |" in capsys.readouterr().out
+    assert f"| tutorial: `(the defaults)` | 1 | {last:.2f} | " in capsys.readouterr().out  # no spread
     recipe = train_settings("--epochs", "1", "--train-size", "64", "--data", str(data))
     recipe.data_sha256 = run["settings"]["data_sha256"]
     recipe.likelihood = "bernoulli"  # as the run found it from the data
