@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.table:
         if not args.results.is_file():
             parser.error(f"--results {args.results}: no such file; run a recipe first")
-        print(tables(json.loads(args.results.read_text())))
+        print(tables(references.saved_rows(args.results)))
         return
     if args.list or not args.recipe:
         for name, recipe in RECIPES.items():
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{hardware.describe_cpu()}, {os.cpu_count()} cores", flush=True)
     runs = [one_run(recipe, seed, args.work / args.recipe, args) for seed in seeds]
     row = summary(args.recipe, recipe, runs, args.iw_samples)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results = references.saved_rows(args.results)
     results[args.recipe] = row
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     last = row["test_elbo_by_epoch"][-1]

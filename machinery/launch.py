@@ -51,9 +51,11 @@ def training(args: argparse.Namespace, given: set[str], read_data: run_folder.Da
             print(f"Data: {line}")
         settings = run.settings
         if settings.beta != 1 or settings.kl_warmup or settings.kl_cycle:
-            schedule = (f", rising from 0 over the first {settings.kl_warmup:g} epochs" if settings.kl_warmup
-                        else f", rising from 0 in each cycle of {settings.kl_cycle:g} epochs"
-                        if settings.kl_cycle else "")
+            schedule = ""
+            if settings.kl_warmup:
+                schedule = f", rising from 0 over the first {settings.kl_warmup:g} epochs"
+            elif settings.kl_cycle:
+                schedule = f", rising from 0 in each cycle of {settings.kl_cycle:g} epochs"
             print(f"The training loss weighs the KL term by --beta {settings.beta:g}{schedule}; the "
                   f"test ELBO is the ELBO itself (B = 1)")
         if advice := references.advice(settings):

@@ -22,10 +22,15 @@ def comparable(settings: dict) -> dict:
     return {name: value for name, value in settings.items() if name not in NOT_COMPARED}
 
 
+def saved_rows(path: Path = RESULTS_FILE) -> dict:
+    """The rows benchmarks/reference_results.py saved, by recipe; none without the file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def reference_for(settings: RunSettings, path: Path = RESULTS_FILE) -> dict | None:
     """The reference row of the recipe `settings` follows, if one reaches its epoch; None
     otherwise. A setting a row predates is compared with its default, the value it then had."""
-    rows = json.loads(path.read_text()).values() if path.is_file() else ()
+    rows = saved_rows(path).values()
     defaults = comparable({field.name: field.default for field in dataclasses.fields(RunSettings)
                            if field.default is not dataclasses.MISSING})
     mine = comparable(dataclasses.asdict(settings))
@@ -55,7 +60,7 @@ def advice(settings: RunSettings, path: Path = RESULTS_FILE) -> str | None:
     height, width, channels = settings.image_shape
     if settings.latent_dim != 2 or (channels == 1 and max(height, width) <= 28):
         return None
-    rows = json.loads(path.read_text()) if path.is_file() else {}
+    rows = saved_rows(path)
     recipe, tutorial = rows.get("colour-folder"), rows.get("colour-folder-tutorial")
     start = (f"Images of {height}x{width}x{channels} in a latent space of 2 (the tutorial's, for MNIST): "
              f"expect reconstructions that look alike, a blur of a few average pictures. ")
